@@ -1,0 +1,34 @@
+"""poet-peft: orthogonal reparameterised training (POET, ORA, spectral-clamped LoRA) as Hugging Face PEFT tuners."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="poet-peft",
+    version="0.1.0",
+    description="POET (orthogonal equivalence transformation) training as a Hugging Face PEFT plugin",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "peft>=0.21",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "cuda": ["cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
+        "examples": ["tokenizers>=0.21"],
+        "test": ["pytest>=8", "tokenizers>=0.21"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

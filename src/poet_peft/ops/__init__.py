@@ -1,0 +1,1 @@
+"""Pure tensor numerics for orthogonal reparameterisation; nothing here knows about PEFT."""

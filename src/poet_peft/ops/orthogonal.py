@@ -1,0 +1,72 @@
+"""Skew-symmetric packing and the Cayley maps that turn skew-symmetric matrices into rotations."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def packed_size(block: int) -> int:
+    """Number of free parameters of a block×block skew-symmetric matrix: b(b−1)/2."""
+    return block * (block - 1) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _upper_indices(block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(block, block, 1, device=device)
+    return rows, cols
+
+
+def skew_from_packed(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Skew-symmetric matrices Q = U − Uᵀ from their packed strict upper triangles, shape (..., b(b−1)/2)."""
+    rows, cols = _upper_indices(block, packed.device)
+    upper = packed.new_zeros(*packed.shape[:-1], block, block)
+    upper[..., rows, cols] = packed
+    return upper - upper.transpose(-1, -2)
+
+
+def packed_from_skew(skew: torch.Tensor) -> torch.Tensor:
+    """The packed strict upper triangles of skew-symmetric matrices, the inverse of `skew_from_packed`."""
+    rows, cols = _upper_indices(skew.shape[-1], skew.device)
+    return skew[..., rows, cols]
+
+
+def _identity_like(matrices: torch.Tensor) -> torch.Tensor:
+    return torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device).expand_as(matrices)
+
+
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley transform (I + Q)(I − Q)⁻¹ of a batch of skew-symmetric matrices."""
+    eye = _identity_like(skew)
+    # (I − Q)⁻¹ and (I + Q) commute, so solving (I − Q) R = (I + Q) gives the same R.
+    return torch.linalg.solve(eye - skew, eye + skew)
+
+
+def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
+    """Cayley–Neumann map (I + Q)(I + Q + … + Q^terms): (I − Q)⁻¹ replaced by its truncated Neumann series."""
+    eye = _identity_like(skew)
+    series = eye
+    for _ in range(terms):  # Horner's scheme: I + Q(I + Q(I + …)), one matmul per term
+        series = eye + skew @ series
+    return series + skew @ series
+
+
+def rotation_from_skew(skew: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
+    """Rotations from skew-symmetric matrices: Cayley–Neumann with `neumann_terms`, or exact Cayley if None."""
+    if neumann_terms is None:
+        return cayley(skew)
+    return cayley_neumann(skew, neumann_terms)
+
+
+def orthogonality_error(matrices: torch.Tensor) -> torch.Tensor:
+    """Relative Frobenius distance ‖RᵀR − I‖_F / ‖I‖_F of each matrix in a batch."""
+    gram = matrices.transpose(-1, -2) @ matrices
+    size = matrices.shape[-1]
+    return torch.linalg.matrix_norm(gram - _identity_like(gram)) / size**0.5
+
+
+def nearest_orthogonal(matrices: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor U Vᵀ of each matrix: its closest orthogonal matrix in Frobenius norm."""
+    u, _, vh = torch.linalg.svd(matrices.double())
+    return (u @ vh).to(matrices.dtype)

@@ -1,0 +1,274 @@
+"""POETLinear: a Linear or Conv1D whose weight is R·W0·P, with R and P permuted block-diagonal rotations."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...ops.blocks import (
+    BlockLayout,
+    BlockRotation,
+    block_stochastic_layout,
+    fully_stochastic_layout,
+    fully_stochastic_size,
+    rotate_weight,
+)
+from ...ops.initialization import initial_weight
+from .config import POETConfig
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+
+def seeded_generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded from a stable hash of `key`: the same draw on every rank, run and resume."""
+    digest = hashlib.sha256("|".join(map(str, key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+class POETLinear(nn.Module, BaseTunerLayer):
+    """A POET-wrapped torch.nn.Linear or transformers Conv1D: y = R·W0·P·x + bias.
+
+    Per adapter it holds the packed skew parameters of R (`poet_R`, output side) and P (`poet_P`, input side),
+    the permutations that place their blocks (`poet_perm_out`, `poet_perm_in`) and how many merges have been
+    folded into W0 (`poet_merge_count`). W0 itself is the base layer's weight.
+    """
+
+    adapter_layer_names = ("poet_R", "poet_P")
+    other_param_names = ("poet_perm_out", "poet_perm_in", "poet_merge_count", "poet_config", "poet_layouts")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: POETConfig, layer_key: str, **kwargs):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_key = layer_key
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # Conv1D stores its weight as (in, out)
+        self.out_features, self.in_features = self.logical_weight().shape
+        self.poet_R = nn.ParameterDict()
+        self.poet_P = nn.ParameterDict()
+        self.poet_perm_out = BufferDict(persistent=True)
+        self.poet_perm_in = BufferDict(persistent=True)
+        self.poet_merge_count = BufferDict(persistent=True)
+        self.poet_config: dict[str, POETConfig] = {}
+        self.poet_layouts: dict[str, tuple[BlockLayout, BlockLayout]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # -- weights --------------------------------------------------------------------------------------------
+    def logical_weight(self) -> torch.Tensor:
+        """The base weight W0 as an (out, in) matrix, whatever the base layer's storage convention."""
+        weight = self.get_base_layer().weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _write_logical_weight(self, weight: torch.Tensor) -> None:
+        # In place, so that optimizers, DDP buckets and tied references keep pointing at the same tensor.
+        with torch.no_grad():
+            self.logical_weight().copy_(weight)
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: POETConfig, **kwargs) -> None:
+        """Add a POET adapter: zero skew parameters (so R = P = I), fresh permutations, optionally a fresh W0."""
+        layouts = (
+            self._layout(config, self.out_features, "out_features"),
+            self._layout(config, self.in_features, "in_features"),
+        )
+        if config.init_weights is not None and self._all_available_adapter_names():
+            raise ValueError(
+                f"POET cannot add adapter {adapter_name!r} to {self.layer_key} with init_weights="
+                f"{config.init_weights!r}: redrawing W0 would break the adapters already built on it "
+                f"({', '.join(self._all_available_adapter_names())}). Use init_weights=None."
+            )
+        weight = self.get_base_layer().weight
+        self.poet_config[adapter_name] = config
+        self.poet_layouts[adapter_name] = layouts
+        self.poet_R[adapter_name] = nn.Parameter(
+            torch.zeros(layouts[0].num_parameters, dtype=torch.float32, device=weight.device)
+        )
+        self.poet_P[adapter_name] = nn.Parameter(
+            torch.zeros(layouts[1].num_parameters, dtype=torch.float32, device=weight.device)
+        )
+        self.poet_merge_count[adapter_name] = torch.zeros((), dtype=torch.long, device=weight.device)
+        self.poet_perm_out[adapter_name] = torch.empty(self.out_features, dtype=torch.long, device=weight.device)
+        self.poet_perm_in[adapter_name] = torch.empty(self.in_features, dtype=torch.long, device=weight.device)
+        self._draw_permutations(adapter_name)
+        if config.init_weights is not None:
+            generator = seeded_generator(config.seed, self.layer_key, "weight")
+            self._write_logical_weight(
+                initial_weight(config.init_weights, self.out_features, self.in_features, generator)
+            )
+        self.set_adapter(self.active_adapters)
+
+    def _layout(self, config: POETConfig, dim: int, side: str) -> BlockLayout:
+        if config.mode == "bs":
+            if config.block > dim:
+                raise ValueError(
+                    f"POET cannot wrap {self.layer_key}: block={config.block} is larger than its {side} ({dim}). "
+                    f"Valid for this module: 2 ≤ block ≤ {min(self.out_features, self.in_features)}; or leave it "
+                    "out with exclude_modules."
+                )
+            return block_stochastic_layout(dim, config.block)
+        if fully_stochastic_size(dim, config.block) < 2:
+            raise ValueError(
+                f"POET cannot wrap {self.layer_key}: block={config.block} of its {side} ({dim}) rotates fewer than "
+                f"2 coordinates. Valid for this module: {1 / min(self.out_features, self.in_features):.4g} < block ≤ 1."
+            )
+        return fully_stochastic_layout(dim, config.block)
+
+    def _draw_permutations(self, adapter_name: str) -> None:
+        config, merges = self.poet_config[adapter_name], int(self.poet_merge_count[adapter_name])
+        for side, perms in (("out", self.poet_perm_out), ("in", self.poet_perm_in)):
+            generator = seeded_generator(config.seed, self.layer_key, side, merges)
+            perms[adapter_name].copy_(torch.randperm(perms[adapter_name].numel(), generator=generator))
+
+    def _active_poet_adapters(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.poet_R]
+
+    def skew_parameters(self) -> list[nn.Parameter]:
+        """The packed skew parameters (Q of R, then of P) of the active adapters."""
+        return [store[name] for name in self._active_poet_adapters() for store in (self.poet_R, self.poet_P)]
+
+    def rotations(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> tuple[BlockRotation, BlockRotation]:
+        """The adapter's current (R, P) as block rotations, from its skew parameters, in float32 unless `dtype`."""
+        config = self.poet_config[adapter_name]
+        out_layout, in_layout = self.poet_layouts[adapter_name]
+        left = BlockRotation.from_packed(
+            out_layout, self.poet_perm_out[adapter_name], self.poet_R[adapter_name], config.neumann_terms, dtype
+        )
+        right = BlockRotation.from_packed(
+            in_layout, self.poet_perm_in[adapter_name], self.poet_P[adapter_name], config.neumann_terms, dtype
+        )
+        return left, right
+
+    def rotated_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """R·W0·P for the adapters in order (R₂R₁·W0·P₁P₂), in float64: what merging writes into the weight."""
+        weight = self.logical_weight().double()
+        for name in adapter_names:
+            weight = rotate_weight(weight, *self.rotations(name, torch.float64))
+        return weight
+
+    def unrotated_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """The exact inverse of `rotated_weight` (block inverses, not transposes: Neumann R is not quite orthogonal)."""
+        weight = self.logical_weight().double()
+        for name in reversed(adapter_names):
+            left, right = self.rotations(name, torch.float64)
+            weight = rotate_weight(weight, left.inverse(), right.inverse())
+        return weight
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """R·W0·P·x + bias for the active adapters, each rotation applied where it is cheaper."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        adapters = self._active_poet_adapters()
+        if self.merged or not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        input_dtype, weight_dtype = x.dtype, self.logical_weight().dtype
+        rotations = [self.rotations(name) for name in adapters]
+        left_on_weight, right_on_weight = self.rotation_sides(adapters, tokens=x.numel() // x.shape[-1])
+        if not right_on_weight:  # input-centric part: x·(W0P₁P₂)ᵀ rotates x by P₂, then P₁
+            for _, right in reversed(rotations):
+                x = right.apply(x)
+        x = x.to(weight_dtype)
+        if left_on_weight or right_on_weight:  # weight-centric part: R₂R₁·W0·P₁P₂
+            weight = self.logical_weight()
+            for left, right in rotations:
+                weight = rotate_weight(weight, left if left_on_weight else None, right if right_on_weight else None)
+            result = self._base_forward_with(x, weight.to(weight_dtype))
+        else:
+            result = self.base_layer(x)
+        if not left_on_weight:
+            bias = self.get_base_layer().bias
+            for left, _ in rotations:
+                # R·(z − b) + b written as z + (R − I)·(z − b): exact when R = I, so fresh adapters change nothing.
+                result = left.apply(result) if bias is None else result + left.apply_minus_identity(result - bias)
+        return result.to(input_dtype)
+
+    def _base_forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # The base layer's own forward on an (out, in) weight put in its storage layout, so that an unrotated
+        # weight gives bit for bit what the base layer computes.
+        stored = (weight.t() if self.fan_in_fan_out else weight).contiguous()
+        return torch.func.functional_call(self.get_base_layer(), {"weight": stored}, (x,))
+
+    def rotation_sides(self, adapter_names: list[str], tokens: int) -> tuple[bool, bool]:
+        """Whether R and whether P go on the weight (weight-centric) rather than on the activations (input-centric).
+
+        Rotating the weight's n columns by R costs n·Σb² against tokens·Σb² for the outputs, and rotating its
+        m rows by P costs m·Σb² against tokens·Σb² for the inputs: each side takes the cheaper one.
+        """
+        forced = self.poet_config[adapter_names[0]].forward_path
+        if forced != "auto":
+            return forced == "weight", forced == "weight"
+        return self.in_features <= tokens, self.out_features <= tokens
+
+    # -- PEFT merge / unmerge -------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write R·W0·P into the base weight (PEFT's merge); `unmerge` restores W0 exactly."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.poet_R:
+                continue
+            merged = self.rotated_weight([name])
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of {self.layer_key}: adapter {name!r} is broken.")
+            self._write_logical_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo `merge` with exact inverses of R and P."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.poet_R:
+                self._write_logical_weight(self.unrotated_weight([name]))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """R·W0·P − W0: what merging this adapter adds to the (out, in) weight."""
+        weight = self.logical_weight()
+        return self.rotated_weight([adapter_name]).to(weight.dtype) - weight
+
+    # -- POET merge-then-reinitialize -----------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_and_reinit(self) -> None:
+        """POET's merge: fold each active adapter's R, P into W0, zero its skew parameters, redraw its permutations."""
+        if self.merged:
+            raise RuntimeError(
+                f"{self.layer_key} is merged through PEFT's merge(); call unmerge() before merge_and_reinit()."
+            )
+        for name in self._active_poet_adapters():
+            # Folded in float64: hundreds of merges must not add up rounding errors in W0's spectrum.
+            left, right = self.rotations(name, torch.float64)
+            if self.poet_config[name].merge_orthogonalize:
+                left, right = left.orthogonalized(), right.orthogonalized()
+            self._write_logical_weight(rotate_weight(self.logical_weight().double(), left, right))
+            self.poet_R[name].zero_()
+            self.poet_P[name].zero_()
+            self.poet_merge_count[name] += 1
+            self._draw_permutations(name)
+
+    @property
+    def base_weight_rewritten(self) -> bool:
+        """Whether W0 differs from the base model's weight (a fresh init or a merge), so adapter files must carry it."""
+        return any(int(count) > 0 for count in self.poet_merge_count.values()) or any(
+            config.init_weights is not None for config in self.poet_config.values()
+        )
+
+    def base_weight_for_saving(self) -> torch.Tensor:
+        """W0 in the base layer's own storage convention, with any PEFT merge undone."""
+        weight = self.unrotated_weight(self.merged_adapters) if self.merged else self.logical_weight()
+        weight = weight.to(self.get_base_layer().weight.dtype)
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def __repr__(self) -> str:
+        return "poet." + super().__repr__()

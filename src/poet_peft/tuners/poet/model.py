@@ -1,0 +1,97 @@
+"""POETModel: injects POETLinear layers into a model, following PEFT's tuner protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.error import NoMatchingPeftModuleError
+from torch import nn
+
+from .config import POETConfig
+from .layer import SUPPORTED_LAYERS, POETLinear
+
+_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_BERT_STYLE = ("query", "key", "value", "output.dense", "intermediate.dense")
+
+# The transformer-block linear layers of each architecture; embeddings and output heads stay unwrapped.
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "bert": _BERT_STYLE,
+    "roberta": _BERT_STYLE,
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+
+
+def poet_layers(model: nn.Module) -> Iterator[POETLinear]:
+    """Every POET layer in a model, wrapped (DDP, PeftModel, …) or not."""
+    return (module for module in model.modules() if isinstance(module, POETLinear))
+
+
+def poet_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+    """The skew parameters (Q) of the active POET adapters in a model: what POET trains and what merges reset."""
+    return [param for layer in poet_layers(model) for param in layer.skew_parameters()]
+
+
+def _linear_layer_names(model: nn.Module) -> str:
+    names = sorted({name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)})
+    return ", ".join(names) if names else "(none)"
+
+
+class POETModel(BaseTuner):
+    """The PEFT tuner for POET; `get_peft_model(model, POETConfig(...))` builds it."""
+
+    prefix = "poet_"
+    tuner_layer_cls = POETLinear
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: POETConfig, model_config: dict) -> POETConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in DEFAULT_TARGET_MODULES:
+                raise ValueError(
+                    f"POETConfig.target_modules is None and POET has no default targets for model_type="
+                    f"{model_type!r} (defaults exist for {', '.join(sorted(DEFAULT_TARGET_MODULES))}). Pass "
+                    f"target_modules: a list of names, a regex, or 'all-linear'. This model's Linear/Conv1D layers "
+                    f"are named: {_linear_layer_names(self.model)}."
+                )
+            peft_config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as error:
+            raise NoMatchingPeftModuleError(
+                f"{error} POET wraps Linear and Conv1D layers; this model's are named: {_linear_layer_names(model)}."
+            ) from error
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, POETLinear):
+            target.update_layer(adapter_name, peft_config)
+            return
+        if not isinstance(target, SUPPORTED_LAYERS):
+            raise TypeError(
+                f"POET cannot wrap {current_key}: it is a {type(target).__name__}, and POET wraps torch.nn.Linear "
+                f"and transformers Conv1D layers only. This model's are named: {_linear_layer_names(self.model)}."
+            )
+        new_module = POETLinear(target, adapter_name, peft_config, layer_key=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Once merges (or a fresh init) have rewritten W0, Q alone no longer reproduces the model: carry W0 too.
+        for name, layer in model.named_modules():
+            key = f"{name}.base_layer.weight"
+            if isinstance(layer, POETLinear) and layer.base_weight_rewritten and key in state_dict:
+                to_return[key] = layer.base_weight_for_saving() if layer.merged else state_dict[key]
+        return to_return

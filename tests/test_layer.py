@@ -1,0 +1,217 @@
+"""The POET layer inside real transformers models: identity at init, targets, counts, forward paths, dtypes, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, VOCAB, outputs, randomize_skew, tiny_llama, tiny_model
+from peft import get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import poet_peft
+from poet_peft import POETConfig
+from poet_peft.tuners.poet import DEFAULT_TARGET_MODULES
+
+
+@pytest.mark.parametrize("forward_path", ["auto", "weight", "input"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_outputs_are_bit_identical_right_after_get_peft_model(architecture, forward_path, tokens):
+    model = tiny_model(architecture)
+    reference = outputs(model, tokens)
+    peft_model = get_peft_model(model, POETConfig(block=16, forward_path=forward_path))
+    assert torch.equal(outputs(peft_model, tokens), reference)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_default_targets_are_the_transformer_block_linears(architecture):
+    peft_model = get_peft_model(tiny_model(architecture), POETConfig(block=16))
+    wrapped = {name for name, module in peft_model.named_modules() if isinstance(module, poet_peft.POETLinear)}
+    suffixes = DEFAULT_TARGET_MODULES[architecture]
+    expected = {
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if isinstance(module, torch.nn.Linear | poet_peft.POETLinear) or type(module).__name__ == "Conv1D"
+    }
+    expected = {name for name in expected if any(name == s or name.endswith("." + s) for s in suffixes)}
+    assert {name.removeprefix("base_model.model.") for name in wrapped} == expected
+    assert len(wrapped) == 2 * {"gpt2": 4, "bert": 6}.get(architecture, 7)
+    assert not any("lm_head" in name or "pooler" in name or "classifier" in name for name in wrapped)
+
+
+def llama_60m(ffn: int) -> LlamaForCausalLM:
+    """The paper's LLaMA-60M shape (hidden 512, 8 layers, 8 heads), with a small vocabulary to save memory."""
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=ffn,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "config, ffn, expected",
+    [
+        (POETConfig(block=256), 1280, 9_661_440),  # paper: 9.66M
+        (POETConfig(block=128), 1280, 4_811_776),  # paper: 4.81M
+        (POETConfig(block=64), 1280, 2_386_944),  # paper: 2.39M
+        # The FS rows of the paper's Table 2 use FFN 1376 (GaLore's 60M); 1376 is no multiple of 256.
+        (POETConfig(block=0.5, mode="fs"), 1376, 8_544_192),  # paper: 8.54M
+        (POETConfig(block=0.25, mode="fs"), 1376, 2_131_168),  # paper: 2.13M
+        (POETConfig(block=0.125, mode="fs"), 1376, 530_352),  # paper: 0.53M
+    ],
+    ids=["bs256", "bs128", "bs64", "fs1/2", "fs1/4", "fs1/8"],
+)
+def test_trainable_parameter_counts_match_the_paper(config, ffn, expected):
+    trainable, _ = get_peft_model(llama_60m(ffn), config).get_nb_trainable_parameters()
+    assert trainable == expected
+
+
+def float64_reference(peft_model, tokens: torch.Tensor) -> torch.Tensor:
+    """The same model evaluated in float64 with every adapter merged into its weight."""
+    reference = copy.deepcopy(peft_model).double()
+    reference.merge_adapter()
+    return outputs(reference, tokens)
+
+
+@pytest.mark.parametrize("mode, block", [("bs", 16), ("bs", 24), ("fs", 0.3)])
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert"])
+def test_weight_and_input_centric_paths_agree_with_float64(architecture, mode, block, tokens):
+    peft_model = get_peft_model(tiny_model(architecture), POETConfig(block=block, mode=mode))
+    randomize_skew(peft_model, std=0.05)
+    reference = float64_reference(peft_model, tokens)
+    results = {}
+    for path in ("weight", "input", "auto"):
+        for layer in poet_peft.poet_layers(peft_model):
+            layer.poet_config["default"].forward_path = path
+        results[path] = outputs(peft_model, tokens)
+        assert (results[path].double() - reference).abs().max() < 1e-5
+    assert (results["weight"] - results["input"]).abs().max() > 0  # two genuinely different computations
+
+
+def test_auto_path_puts_each_rotation_where_it_is_cheaper():
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16))
+    up_proj = peft_model.base_model.model.model.layers[0].mlp.up_proj  # in 64, out 96
+    assert up_proj.rotation_sides(["default"], tokens=1) == (False, False)  # decoding: rotate activations
+    assert up_proj.rotation_sides(["default"], tokens=80) == (True, False)  # R on the weight (64 columns)
+    assert up_proj.rotation_sides(["default"], tokens=4096) == (True, True)  # pretraining batch: R·W0·P
+    up_proj.poet_config["default"].forward_path = "input"
+    assert up_proj.rotation_sides(["default"], tokens=4096) == (False, False)
+
+
+def test_bf16_weights_train_with_float32_rotations(tokens):
+    model = tiny_llama()
+    reference_model = copy.deepcopy(model)
+    peft_model = get_peft_model(model.to(torch.bfloat16), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)
+    layer = next(poet_peft.poet_layers(peft_model))
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    assert all(param.dtype == torch.float32 for param in poet_peft.poet_parameters(peft_model))
+    left, right = layer.rotations("default")
+    assert left.blocks[0].dtype == right.blocks[0].dtype == torch.float32
+
+    logits = outputs(peft_model, tokens)
+    assert logits.dtype == torch.bfloat16
+    logits.float().square().mean().backward()
+    grads = [param.grad for param in poet_peft.poet_parameters(peft_model)]
+    assert all(grad.dtype == torch.float32 and torch.isfinite(grad).all() for grad in grads)
+    assert any(grad.abs().sum() > 0 for grad in grads)
+
+    fp32_model = get_peft_model(reference_model, POETConfig(block=16))
+    randomize_skew(fp32_model, std=0.05)
+    fp32_logits = outputs(fp32_model, tokens)
+    assert (logits.float() - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
+
+
+def test_permutations_are_seeded_per_layer_side_and_merge():
+    first = get_peft_model(tiny_llama(), POETConfig(block=16, seed=3))
+    second = get_peft_model(tiny_llama(seed=9), POETConfig(block=16, seed=3))
+    other_seed = get_peft_model(tiny_llama(), POETConfig(block=16, seed=4))
+    perms = [layer.poet_perm_in["default"].clone() for layer in poet_peft.poet_layers(first)]
+    assert all(
+        torch.equal(p, layer.poet_perm_in["default"]) for p, layer in zip(perms, poet_peft.poet_layers(second))
+    )
+    assert not torch.equal(perms[0], next(poet_peft.poet_layers(other_seed)).poet_perm_in["default"])
+    assert not torch.equal(perms[0], perms[1])  # q_proj and k_proj of layer 0
+    for perm in perms:
+        assert torch.equal(perm.sort().values, torch.arange(perm.numel()))
+    poet_peft.merge_and_reinit(first)
+    assert not torch.equal(perms[0], next(poet_peft.poet_layers(first)).poet_perm_in["default"])
+
+
+def test_fully_stochastic_subsets_cover_every_coordinate_over_merges():
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=0.25, mode="fs", target_modules=["q_proj"]))
+    layer = next(poet_peft.poet_layers(peft_model))
+    size = layer.poet_layouts["default"][1].covered
+    assert size == 16  # ⌈0.25·64⌉
+    seen = torch.zeros(64, dtype=torch.bool)
+    for _ in range(40):
+        subset = layer.poet_perm_in["default"][:size]
+        assert subset.unique().numel() == size
+        seen[subset] = True
+        poet_peft.merge_and_reinit(peft_model)
+    assert seen.all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"block": 1}, r"block=1 is invalid for mode='bs'.*integer ≥ 2"),
+        ({"block": 0.5}, r"block=0.5 is invalid for mode='bs'.*use mode='fs'"),
+        ({"block": 1.5, "mode": "fs"}, r"block=1.5 is invalid for mode='fs'.*\(0, 1\]"),
+        ({"block": 0.0, "mode": "fs"}, r"block=0.0 is invalid for mode='fs'.*\(0, 1\]"),
+        ({"mode": "xs"}, r"mode='xs' is not a POET mode; valid: 'bs'.*'fs'"),
+        ({"neumann_terms": -1}, r"neumann_terms=-1 is invalid: use an integer ≥ 0.*None"),
+        ({"merge_every": 0}, r"merge_every=0 is invalid: use an integer ≥ 1.*None"),
+        ({"init_weights": "kaiming"}, r"init_weights='kaiming'.*'normalized_gaussian', 'uniform_spectrum', 'xavier'"),
+        ({"forward_path": "fast"}, r"forward_path='fast' is invalid; valid: 'auto', 'weight', 'input'"),
+    ],
+)
+def test_bad_config_values_raise_naming_the_field_value_and_valid_choices(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(tiny_llama(), POETConfig(**kwargs))
+
+
+@pytest.mark.parametrize(
+    "config, error, message",
+    [
+        (
+            POETConfig(block=128),
+            ValueError,
+            r"cannot wrap model\.layers\.0\.self_attn\.q_proj: block=128 is larger than its out_features \(64\).*2 ≤ block ≤ 64",
+        ),
+        (POETConfig(block=0.01, mode="fs"), ValueError, r"cannot wrap model\.layers\.0\.self_attn\.q_proj: block=0.01.*fewer than 2"),
+        (
+            POETConfig(target_modules=["embed_tokens"]),
+            TypeError,
+            r"cannot wrap model\.embed_tokens: it is a Embedding.*Linear.*q_proj",
+        ),
+        (POETConfig(target_modules=["qproj"]), ValueError, r"qproj.*not found.*named: down_proj, gate_proj, .*q_proj"),
+    ],
+    ids=["block-too-large", "fraction-too-small", "not-a-linear", "no-match"],
+)
+def test_bad_targets_raise_at_get_peft_model_naming_the_module(config, error, message):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=message):
+        get_peft_model(model, config)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items() if key in before)
+
+
+def test_unknown_architecture_without_targets_lists_its_linear_layers():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.encoder(x)
+
+    with pytest.raises(ValueError, match=r"no default targets for model_type='custom'.*named: encoder"):
+        get_peft_model(Tiny(), POETConfig(block=4))
+    wrapped = get_peft_model(Tiny(), POETConfig(block=4, target_modules=["encoder"]))
+    assert wrapped.get_nb_trainable_parameters()[0] == 2 * 2 * 6

@@ -1,0 +1,232 @@
+"""Merge-then-reinitialize: the fold, optimizer reset, determinism, continuity, the spectrum bound, the schedule."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import VOCAB, randomize_skew, run_fresh_python, tiny_llama
+from peft import get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import poet_peft
+from poet_peft import MergeSchedule, POETCallback, POETConfig
+from poet_peft.ops.spectral import singular_value_drift
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare.txt.gz"
+
+
+def text_batches(batch_size: int, length: int, seed: int = 0):
+    """Endless batches of real English as byte tokens (vocabulary 256) from the bundled text."""
+    with gzip.open(SHAKESPEARE, "rb") as handle:
+        data = torch.frombuffer(bytearray(handle.read(400_000)), dtype=torch.uint8).long()
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(len(data) - length, (batch_size,), generator=generator)
+        yield torch.stack([data[s : s + length] for s in starts])
+
+
+def byte_llama(seed: int = 0):
+    """A tiny LLaMA over byte tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def train_steps(model, optimizer, batches, steps: int) -> None:
+    """Plain optimizer steps on language-modelling loss."""
+    for _ in range(steps):
+        batch = next(batches)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_merge_folds_rotations_zeroes_q_and_redraws_permutations():
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16, merge_orthogonalize=False))
+    randomize_skew(peft_model, std=0.05)
+    layers = list(poet_peft.poet_layers(peft_model))
+    expected = [layer.rotated_weight(["default"]).float() for layer in layers]
+    perms = [layer.poet_perm_out["default"].clone() for layer in layers]
+    assert poet_peft.merge_and_reinit(peft_model) == len(layers) == 14
+    for layer, weight, perm in zip(layers, expected, perms):
+        assert torch.allclose(layer.logical_weight(), weight, atol=1e-7)
+        assert not layer.poet_R["default"].any() and not layer.poet_P["default"].any()
+        assert int(layer.poet_merge_count["default"]) == 1
+        assert not torch.equal(layer.poet_perm_out["default"], perm)
+
+
+@pytest.mark.parametrize(
+    "orthogonalize, neumann_terms, tolerance",
+    [(False, 3, 1e-6), (True, None, 1e-6), (True, 3, 1e-4)],
+    ids=["as-trained", "exact-cayley", "default"],
+)
+def test_loss_is_continuous_across_a_merge(orthogonalize, neumann_terms, tolerance):
+    # Folding R as trained, or exact-Cayley R (already orthogonal), leaves the function unchanged. The default
+    # orthogonalised fold of a Neumann R moves it by O(‖Q‖⁴): small at the paper's POET lr.
+    config = POETConfig(block=16, merge_orthogonalize=orthogonalize, neumann_terms=neumann_terms)
+    model = get_peft_model(byte_llama(), config)
+    optimizer = torch.optim.AdamW(poet_peft.param_groups(model, 1e-3, 1e-3))
+    batches = text_batches(8, 64)
+    train_steps(model, optimizer, batches, 20)
+    held_out = next(batches)
+    with torch.no_grad():
+        before = model(input_ids=held_out, labels=held_out).loss.item()
+        poet_peft.merge_and_reinit(model, optimizer)
+        after = model(input_ids=held_out, labels=held_out).loss.item()
+    assert abs(after - before) / before < tolerance
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups),
+    "sgd-momentum": lambda groups: torch.optim.SGD(groups, momentum=0.9),
+    "adagrad": lambda groups: torch.optim.Adagrad(groups),
+    "rmsprop": lambda groups: torch.optim.RMSprop(groups, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("accelerate", [False, True], ids=["plain", "accelerate"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_merge_resets_the_optimizer_state_of_exactly_the_q_parameters(name, accelerate):
+    model = get_peft_model(byte_llama(), POETConfig(block=16, modules_to_save=["lm_head"]))
+    optimizer = OPTIMIZERS[name](poet_peft.param_groups(model, 1e-3, 1e-3))
+    if accelerate:
+        model, optimizer = Accelerator(cpu=True).prepare(model, optimizer)
+    batches = text_batches(4, 32)
+    train_steps(model, optimizer, batches, 3)
+    q_params = poet_peft.poet_parameters(model)
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in q_params)]
+    assert len(q_params) == 14 and others
+    kept = {id(p): copy.deepcopy(optimizer.state[p]) for p in others}
+    assert all(optimizer.state[q] for q in q_params)
+
+    poet_peft.merge_and_reinit(model, optimizer)
+    assert all(not optimizer.state.get(q) for q in q_params)
+    for p in others:
+        for key, value in kept[id(p)].items():
+            assert torch.equal(torch.as_tensor(optimizer.state[p][key]), torch.as_tensor(value))
+
+    # The next step starts Q's state afresh, exactly as for a newly created parameter.
+    batch = next(batches)
+    model(input_ids=batch, labels=batch).loss.backward()
+    grads = [q.grad.clone() for q in q_params]
+    optimizer.step()
+    for q, grad in zip(q_params, grads):
+        state = optimizer.state[q]
+        if "step" in state:
+            assert float(state["step"]) == 1
+        if name == "adamw":
+            assert torch.allclose(state["exp_avg"], 0.1 * grad)
+        if name == "sgd-momentum":
+            assert torch.allclose(state["momentum_buffer"], grad)
+        if name == "adagrad":
+            assert torch.allclose(state["sum"], grad.square())
+
+
+DETERMINISM = """
+import hashlib, torch, poet_peft
+from peft import get_peft_model
+from conftest import randomize_skew, tiny_llama
+torch.manual_seed({global_seed})  # ranks' global RNG states differ; POET's draws must not depend on them
+model = get_peft_model(tiny_llama(), poet_peft.POETConfig(block=16, mode="{mode}"))
+for merge in range(3):
+    randomize_skew(model, std=0.05, seed=merge)
+    poet_peft.merge_and_reinit(model)
+digest = hashlib.sha256()
+for name, tensor in sorted(model.state_dict().items()):
+    digest.update(name.encode()); digest.update(tensor.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("mode, block", [("bs", 16), ("fs", 0.5)])
+def test_merges_are_identical_in_separate_processes(mode, block, request):
+    prefix = f"import sys; sys.path.insert(0, {str(request.path.parent)!r})\n"
+    mode_code = DETERMINISM.replace('block=16, mode="{mode}"', f'block={block}, mode="{mode}"')
+    digests = {run_fresh_python(prefix + mode_code.format(global_seed=seed)).strip() for seed in (1, 2)}
+    assert len(digests) == 1
+
+
+def test_orthogonalized_merges_keep_the_spectrum_through_500_merges_of_training():
+    model = get_peft_model(byte_llama(), POETConfig(block=16, init_weights="normalized_gaussian"))
+    twin = copy.deepcopy(model)
+    for layer in poet_peft.poet_layers(twin):
+        layer.poet_config["default"].merge_orthogonalize = False
+    initial = [torch.linalg.svdvals(layer.logical_weight().double()) for layer in poet_peft.poet_layers(model)]
+    skew_norms = []
+    for candidate, merges in ((model, 500), (twin, 100)):
+        optimizer = torch.optim.AdamW(poet_peft.param_groups(candidate, 1e-3, 2e-2))
+        batches = text_batches(4, 32)
+        for _ in range(merges):
+            train_steps(candidate, optimizer, batches, 2)
+            skew_norms.append(max(p.detach().abs().max().item() for p in poet_peft.poet_parameters(candidate)))
+            poet_peft.merge_and_reinit(candidate, optimizer)
+    assert min(skew_norms) > 0.02  # the rotations folded were far from the identity
+    final = [torch.linalg.svdvals(layer.logical_weight().double()) for layer in poet_peft.poet_layers(model)]
+    drifted = [torch.linalg.svdvals(layer.logical_weight().double()) for layer in poet_peft.poet_layers(twin)]
+    assert max(singular_value_drift(s0, s, floor=1) for s0, s in zip(initial, final)) < 1e-4
+    assert max(singular_value_drift(s0, s, floor=0.01) for s0, s in zip(initial, final)) < 1e-4
+    # Folding the Neumann R as trained moves the spectrum by orders of magnitude more, in a fifth of the merges.
+    assert max(singular_value_drift(s0, s, floor=0.01) for s0, s in zip(initial, drifted)) > 1e-2
+
+
+def test_merge_schedule_merges_on_period_and_ramps_the_clip():
+    model = get_peft_model(tiny_llama(), POETConfig(block=16, merge_every=10))
+    schedule = MergeSchedule(model, clip_ramp_steps=5, clip_ramp_start=0.1)
+    assert schedule.merge_every == 10
+    assert [schedule.is_merge_step(step) for step in (0, 9, 10, 11, 20)] == [False, False, True, False, True]
+    clips = [schedule.clip_norm(1.0, step) for step in (0, 9, 10, 11, 14, 15, 20)]
+    assert clips == pytest.approx([1.0, 1.0, 0.1, 0.28, 0.82, 1.0, 0.1])
+    assert not schedule.after_step(9)
+    assert schedule.after_step(10)
+    assert all(int(layer.poet_merge_count["default"]) == 1 for layer in poet_peft.poet_layers(model))
+    never = MergeSchedule(get_peft_model(tiny_llama(), POETConfig(block=16, merge_every=None)))
+    assert never.merge_every is None and not never.is_merge_step(400) and never.clip_norm(1.0, 400) == 1.0
+    with pytest.raises(ValueError, match="clip_ramp_start"):
+        MergeSchedule(model, clip_ramp_start=0)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Random token sequences: enough to drive Trainer's loop."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(index))
+        return {"input_ids": ids, "labels": ids}
+
+
+class ClipRecorder(TrainerCallback):
+    """Records the clip norm Trainer uses at each optimizer step."""
+
+    def __init__(self):
+        self.clips = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.clips.append(args.max_grad_norm)
+
+
+def test_poet_callback_merges_every_period_inside_trainer(tmp_path):
+    model = get_peft_model(tiny_llama(), POETConfig(block=16, merge_every=3))
+    recorder = ClipRecorder()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=7, per_device_train_batch_size=4, max_grad_norm=2.0,
+        report_to="none", save_strategy="no", logging_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[POETCallback(clip_ramp_steps=2), recorder])
+    trainer.train()
+    assert all(int(layer.poet_merge_count["default"]) == 2 for layer in poet_peft.poet_layers(model))
+    assert recorder.clips == pytest.approx([2.0, 2.0, 2.0, 0.2, 1.1, 2.0, 0.2])
+    assert trainer.args.max_grad_norm == 2.0
+    # The merge after step 6 reset Adam's state of Q: one step has been taken since.
+    assert all(float(trainer.optimizer.state[q]["step"]) == 1 for q in poet_peft.poet_parameters(model))

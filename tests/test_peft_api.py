@@ -1,0 +1,230 @@
+"""PEFT semantics: registration, merge/unmerge, unload, adapters, and save/load in fresh processes."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+
+import pytest
+import torch
+from conftest import outputs, randomize_skew, run_fresh_python, tiny_llama, tiny_model
+from peft import PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
+
+import poet_peft
+from poet_peft import POETConfig
+
+
+def test_import_registers_poet_idempotently():
+    assert PeftType("POET") is PeftType.POET and "POET" in list(PeftType)
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.POET] is poet_peft.POETModel
+    importlib.reload(poet_peft)
+    importlib.reload(importlib.import_module("poet_peft.registry"))
+    poet_peft.register_tuner("poet", poet_peft.POETConfig, poet_peft.POETModel)
+    assert list(PeftType).count(PeftType.POET) == 1
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.POET] is poet_peft.POETConfig
+    assert POETConfig().peft_type == PeftType.POET == "POET"
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = POETConfig(block=0.5, mode="fs", neumann_terms=None, merge_every=25, target_modules=["q_proj"], seed=7)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "POET" and saved["block"] == 0.5 and saved["neumann_terms"] is None
+    loaded = POETConfig.from_pretrained(tmp_path)
+    assert (loaded.block, loaded.mode, loaded.merge_every, loaded.seed) == (0.5, "fs", 25, 7)
+    assert loaded.target_modules == {"q_proj"}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_merge_and_unmerge_are_exact(architecture, tokens):
+    peft_model = get_peft_model(tiny_model(architecture), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)  # ‖Q‖₂ ≈ 0.4: the Neumann R is visibly not orthogonal
+    layers = list(poet_peft.poet_layers(peft_model))
+    w0 = [layer.logical_weight().clone() for layer in layers]
+    unmerged = outputs(peft_model, tokens)
+    peft_model.merge_adapter()
+    assert all(layer.merged for layer in layers)
+    assert (outputs(peft_model, tokens) - unmerged).abs().max() < 1e-5
+    merged_weights = [layer.logical_weight().clone() for layer in layers]
+    peft_model.unmerge_adapter()
+    assert max((layer.logical_weight() - w).abs().max().item() for layer, w in zip(layers, w0)) < 1e-5
+    assert (outputs(peft_model, tokens) - unmerged).abs().max() < 1e-5
+    # Undoing the merge with transposes, as if the Neumann R were orthogonal, would miss W0 by far more than 1e-5.
+    layer, merged = layers[0], merged_weights[0].double()
+    left, right = layer.rotations("default", torch.float64)
+    dense_left = left.apply(torch.eye(merged.shape[0], dtype=torch.float64)).t()
+    dense_right = right.apply(torch.eye(merged.shape[1], dtype=torch.float64)).t()
+    assert torch.allclose(dense_left @ w0[0].double() @ dense_right, merged, atol=1e-6)
+    assert (dense_left.t() @ merged @ dense_right.t() - w0[0].double()).abs().max() > 1e-3
+
+
+def test_delta_weight_is_what_merging_adds(tokens):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)
+    layer = next(poet_peft.poet_layers(peft_model))
+    w0 = layer.logical_weight().clone()
+    delta = layer.get_delta_weight("default")
+    layer.merge()
+    assert torch.allclose(layer.logical_weight(), w0 + delta, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture, base_type", [("llama", torch.nn.Linear), ("gpt2", Conv1D)])
+def test_merge_and_unload_gives_plain_transformers_modules(architecture, base_type, tokens, tmp_path):
+    peft_model = get_peft_model(tiny_model(architecture), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)
+    expected = outputs(peft_model, tokens)
+    merged = peft_model.merge_and_unload()
+    assert not any(isinstance(m, poet_peft.POETLinear) or "poet" in type(m).__name__.lower() for m in merged.modules())
+    assert not any("poet_" in name or "base_layer" in name for name, _ in merged.named_parameters())
+    assert sum(isinstance(m, base_type) for m in merged.modules()) >= 8
+    assert (outputs(merged, tokens) - expected).abs().max() < 1e-5
+    merged.save_pretrained(tmp_path / "merged")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    printed = run_fresh_python(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r}).eval()
+        tokens = torch.load({str(tmp_path / "tokens.pt")!r}, weights_only=True)
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        print((model(input_ids=tokens).logits - expected).abs().max().item(), "poet_peft" in sys.modules)
+        """
+    )
+    difference, imported = printed.split()
+    assert float(difference) < 1e-5 and imported == "False"
+
+
+def test_unload_and_disable_adapter_give_back_the_base_model(tokens):
+    model = tiny_llama()
+    base = outputs(model, tokens)
+    peft_model = get_peft_model(model, POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)
+    adapted = outputs(peft_model, tokens)
+    assert (adapted - base).abs().max() > 1e-3
+    with peft_model.disable_adapter():
+        assert torch.equal(outputs(peft_model, tokens), base)
+    assert torch.equal(outputs(peft_model, tokens), adapted)
+    peft_model.merge_adapter()
+    with peft_model.disable_adapter():  # a merged adapter is unmerged to disable it
+        assert (outputs(peft_model, tokens) - base).abs().max() < 1e-5
+    unloaded = copy.deepcopy(peft_model).unload()
+    assert not any(isinstance(m, poet_peft.POETLinear) for m in unloaded.modules())
+    assert (outputs(unloaded, tokens) - base).abs().max() < 1e-5
+
+
+def test_set_adapter_and_delete_adapter(tokens):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16), adapter_name="a")
+    randomize_skew(peft_model, std=0.05, seed=1)
+    only_a = outputs(peft_model, tokens)
+    peft_model.add_adapter("b", POETConfig(block=32, target_modules=["q_proj", "v_proj"]))
+    peft_model.set_adapter("b")
+    assert all(
+        param.requires_grad == (".b" in name.rsplit("poet_", 1)[-1][1:])
+        for name, param in peft_model.named_parameters()
+        if "poet_" in name
+    )
+    randomize_skew(peft_model, std=0.05, seed=2)
+    only_b = outputs(peft_model, tokens)
+    assert (only_b - only_a).abs().max() > 1e-3
+    reference = get_peft_model(tiny_llama(), POETConfig(block=32, target_modules=["q_proj", "v_proj"]))
+    for layer, twin in zip(
+        (layer for layer in poet_peft.poet_layers(peft_model) if "b" in layer.poet_R), poet_peft.poet_layers(reference)
+    ):
+        with torch.no_grad():
+            twin.poet_R["default"].copy_(layer.poet_R["b"])
+            twin.poet_P["default"].copy_(layer.poet_P["b"])
+            twin.poet_perm_out["default"].copy_(layer.poet_perm_out["b"])
+            twin.poet_perm_in["default"].copy_(layer.poet_perm_in["b"])
+    assert torch.allclose(outputs(reference, tokens), only_b, atol=1e-6)
+    peft_model.set_adapter("a")
+    assert torch.equal(outputs(peft_model, tokens), only_a)
+    peft_model.delete_adapter("b")
+    assert not any("b" in layer.poet_R for layer in poet_peft.poet_layers(peft_model))
+    assert torch.equal(outputs(peft_model, tokens), only_a)
+
+
+RELOAD = """
+import torch, poet_peft
+from peft import PeftModel
+from conftest import outputs, tiny_llama
+tokens = torch.load("tokens.pt", weights_only=True)
+model = PeftModel.from_pretrained(tiny_llama(seed={base_seed}), "adapter").eval()
+print(torch.equal(outputs(model, tokens), torch.load("expected.pt", weights_only=True)))
+"""
+
+
+PRETRAINING = dict(
+    init_weights="normalized_gaussian",
+    modules_to_save=["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"],
+)
+
+
+@pytest.mark.parametrize(
+    "merges, extra, base_seed",
+    [(0, {}, 0), (3, {}, 0), (3, PRETRAINING, 5)],
+    ids=["finetune-no-merge", "finetune-merged", "pretrain-other-base"],
+)
+def test_save_and_load_in_a_fresh_process_reproduce_outputs_exactly(merges, extra, base_seed, tokens, tmp_path, request):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16, merge_every=1, **extra))
+    for merge in range(merges):
+        randomize_skew(peft_model, std=0.05, seed=merge)
+        poet_peft.merge_and_reinit(peft_model)
+    randomize_skew(peft_model, std=0.05, seed=99)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    torch.save(outputs(peft_model, tokens), tmp_path / "expected.pt")
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    poet_keys = [key for key in saved if "poet_" in key or key.endswith("base_layer.weight")]
+    assert all(
+        key.endswith(("poet_R", "poet_P", "poet_perm_out", "poet_perm_in", "poet_merge_count", "base_layer.weight"))
+        for key in poet_keys
+    )
+    # W0 travels in the adapter file once merges or a fresh init have rewritten it, and only then.
+    assert sum(key.endswith("base_layer.weight") for key in saved) == (14 if merges or extra else 0)
+    assert {int(v) for k, v in saved.items() if k.endswith("poet_merge_count")} == {merges}
+
+    # The reloading base model still has the original weights (or, for pretraining, other random ones): the
+    # merged W0, the permutations and Q must all come from the adapter file.
+    tests_dir = request.path.parent
+    code = f"import sys; sys.path.insert(0, {str(tests_dir)!r})\n" + RELOAD.format(base_seed=base_seed)
+    assert run_fresh_python(code, cwd=tmp_path).strip() == "True"
+
+
+def test_saving_while_merged_stores_w0(tokens, tmp_path):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)
+    poet_peft.merge_and_reinit(peft_model)
+    randomize_skew(peft_model, std=0.05, seed=2)
+    w0 = {
+        f"{name}.base_layer.weight": layer.get_base_layer().weight.clone()
+        for name, layer in peft_model.named_modules()
+        if isinstance(layer, poet_peft.POETLinear)
+    }
+    expected = outputs(peft_model, tokens)
+    peft_model.merge_adapter()
+    peft_model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert max((saved[key] - weight).abs().max().item() for key, weight in w0.items()) < 1e-6
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert (outputs(reloaded, tokens) - expected).abs().max() < 1e-5
+
+
+def test_loading_without_importing_poet_peft_fails_with_the_type_name(tmp_path):
+    get_peft_model(tiny_llama(), POETConfig(block=16)).save_pretrained(tmp_path)
+    result = run_fresh_python(
+        f"""
+        from peft import PeftConfig
+        try:
+            PeftConfig.from_pretrained({str(tmp_path)!r})
+        except Exception as error:
+            print(type(error).__name__, error)
+        """
+    )
+    assert "POET" in result
