@@ -24,6 +24,7 @@ setup(
     extras_require={
         "cuda": ["cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
         "examples": ["tokenizers>=0.21"],
+        "bench": ["tokenizers>=0.21", "matplotlib>=3.7"],
         "test": ["pytest>=8", "tokenizers>=0.21"],
     },
     classifiers=[

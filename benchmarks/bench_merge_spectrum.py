@@ -9,7 +9,9 @@ change of any singular value of any POET weight against its W0 (three ways: agai
 least 1% of σ_max, and against every σᵢ), the largest ‖Q‖₂ of any block, and the held-out loss right before and
 right after the merge.
 
-    python benchmarks/bench_merge_spectrum.py --merges 500 --merge_every 5
+    python benchmarks/bench_merge_spectrum.py --merges 500 --merge_every 5 --plot benchmarks/merge_spectrum.png
+
+`--plot` needs matplotlib (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from tqdm.auto import tqdm
 
 import poet_peft
-from poet_peft.ops.orthogonal import skew_from_packed
+from poet_peft.ops.orthogonal import packed_size, skew_from_packed
 from poet_peft.ops.spectral import singular_value_drift
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -43,9 +46,12 @@ def largest_skew_norm(model) -> float:
     for layer in poet_peft.poet_layers(model):
         for name, (out_layout, in_layout) in layer.poet_layouts.items():
             for packed, layout in ((layer.poet_R[name], out_layout), (layer.poet_P[name], in_layout)):
-                count, size = layout.groups[0]
-                blocks = skew_from_packed(packed.detach()[: count * size * (size - 1) // 2].view(count, -1), size)
-                norms.append(torch.linalg.matrix_norm(blocks.double(), ord=2).max())
+                start = 0
+                for count, size in layout.groups:
+                    stop = start + count * packed_size(size)
+                    blocks = skew_from_packed(packed.detach()[start:stop].view(count, -1), size)
+                    norms.append(torch.linalg.matrix_norm(blocks.double(), ord=2).max())
+                    start = stop
     return max(norms).item()
 
 
@@ -65,7 +71,8 @@ def run(orthogonalize: bool, data: PackedText, held_out: torch.Tensor, vocab_siz
     initial = singular_values(model)
     generator = torch.Generator().manual_seed(args.seed)
     drift, jumps, skew_norms = [], [], []
-    for step in range(1, args.merges * args.merge_every + 1):
+    label = "orthogonalised" if orthogonalize else "as trained"
+    for step in tqdm(range(1, args.merges * args.merge_every + 1), desc=f"fold {label}", mininterval=2):
         batch = data.blocks[torch.randint(len(data), (args.batch_size,), generator=generator)]
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
@@ -84,6 +91,30 @@ def run(orthogonalize: bool, data: PackedText, held_out: torch.Tensor, vocab_siz
     return {"drift": drift, "jumps": jumps, "skew_norms": skew_norms, "final_loss": after}
 
 
+def plot(results: dict, path: Path) -> None:
+    """Spectral drift and loss jump per merge, both folds, on log scales."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (drift_axis, jump_axis) = plt.subplots(1, 2, figsize=(11, 5.2))
+    for mode, label, color in ((False, "folded as trained", "tab:red"), (True, "orthogonalised", "tab:blue")):
+        merges = range(1, len(results[mode]["drift"]) + 1)
+        drift = torch.tensor(results[mode]["drift"])
+        for column, style, against in ((0, "-", "σ_max"), (1, "--", "each σᵢ ≥ 1% σ_max"), (2, ":", "every σᵢ")):
+            drift_axis.plot(merges, drift[:, column], color=color, linestyle=style, label=f"{label}: vs {against}")
+        jump_axis.plot(merges, torch.tensor(results[mode]["jumps"]).clamp_min(1e-9), color=color, label=label, lw=0.8)
+    drift_axis.axhline(1e-4, color="gray", lw=0.6, label="1e-4")
+    drift_axis.set(yscale="log", xlabel="merges", ylabel="largest relative change of a singular value")
+    jump_axis.set(yscale="log", xlabel="merges", ylabel="relative held-out loss jump at the merge")
+    drift_axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    jump_axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    figure.suptitle("POET merge-then-reinitialize: spectrum kept vs function kept")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     """Run both merge modes and print (and optionally record) the comparison."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +129,7 @@ def main() -> None:
     parser.add_argument("--poet_lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", type=Path, default=None, help="append the result table to this Markdown file")
+    parser.add_argument("--plot", type=Path, default=None, help="draw drift and loss jumps per merge to this PNG")
     args = parser.parse_args()
 
     text = load_text(max_chars=2_000_000)
@@ -117,7 +149,8 @@ def main() -> None:
         "Largest change of any singular value of any POET weight against W0's: relative to σ_max / to each σᵢ ≥ "
         "1% of σ_max / to every σᵢ.",
         "",
-        "| merges | folded as trained | orthogonalised: vs σ_max | vs σᵢ ≥ 1% σ_max | vs every σᵢ | median ‖Q‖₂ at merge |",
+        "| merges | folded as trained | orthogonalised: vs σ_max | vs σᵢ ≥ 1% σ_max | vs every σᵢ "
+        "| median ‖Q‖₂ at merge |",
         "|---|---|---|---|---|---|",
     ]
     for k in checkpoints:
@@ -139,6 +172,8 @@ def main() -> None:
         )
     report = "\n".join(lines)
     print(report)
+    if args.plot:
+        plot(results, args.plot)
     if args.record:
         with args.record.open("a", encoding="utf-8") as handle:
             handle.write("\n" + report + "\n")

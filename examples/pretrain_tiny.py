@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model = get_peft_model(tiny_llama(tokenizer.get_vocab_size(), args.hidden_size, args.num_layers), config)
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"trainable parameters: {trainable:,} of {total:,} (POET Q: {sum(p.numel() for p in poet_peft.poet_parameters(model)):,})")
+    print(
+        f"trainable parameters: {trainable:,} of {total:,} "
+        f"(POET Q: {sum(p.numel() for p in poet_peft.poet_parameters(model)):,})"
+    )
 
     optimizer = torch.optim.AdamW(poet_peft.param_groups(model, args.lr, args.poet_lr, args.weight_decay), eps=1e-6)
     training_args = TrainingArguments(
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="no",
         report_to="none",
         seed=args.seed,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = Trainer(
         model=model,
@@ -152,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     eval_loss = trainer.evaluate()["eval_loss"]
     metrics = {
-        "merges": max(int(count) for layer in poet_peft.poet_layers(model) for count in layer.poet_merge_count.values()),
+        "merges": max(
+            int(count) for layer in poet_peft.poet_layers(model) for count in layer.poet_merge_count.values()
+        ),
         "first_logged_loss": losses[0],
         "last_logged_loss": losses[-1],
         "train_loss": train_output.training_loss,

@@ -48,9 +48,7 @@ def tiny_llama(hidden: int = 64, ffn: int = 96, layers: int = 2, seed: int = 0) 
 def tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:
     """A tiny seeded model of one of the architectures POET has default targets for, in eval mode."""
     torch.manual_seed(seed)
-    decoder = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
-    )
+    decoder = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
     builders = {
         "llama": lambda: tiny_llama(seed=seed),
         "mistral": lambda: MistralForCausalLM(MistralConfig(num_key_value_heads=2, **decoder)),

@@ -18,10 +18,14 @@ from poet_peft.tuners.poet import DEFAULT_TARGET_MODULES
 @pytest.mark.parametrize("forward_path", ["auto", "weight", "input"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_outputs_are_bit_identical_right_after_get_peft_model(architecture, forward_path, tokens):
+    # 2×40 tokens: under "auto" R goes on the weight of every layer with ≤ 80 inputs, P stays on the activations
+    # of layers with > 80 outputs, so the mixed formulation is exercised too.
+    long_tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
     model = tiny_model(architecture)
-    reference = outputs(model, tokens)
+    reference, long_reference = outputs(model, tokens), outputs(model, long_tokens)
     peft_model = get_peft_model(model, POETConfig(block=16, forward_path=forward_path))
     assert torch.equal(outputs(peft_model, tokens), reference)
+    assert torch.equal(outputs(peft_model, long_tokens), long_reference)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -89,7 +93,7 @@ def test_weight_and_input_centric_paths_agree_with_float64(architecture, mode, b
         for layer in poet_peft.poet_layers(peft_model):
             layer.poet_config["default"].forward_path = path
         results[path] = outputs(peft_model, tokens)
-        assert (results[path].double() - reference).abs().max() < 1e-5
+        assert (results[path].double() - reference).abs().max() < 1e-5 * reference.abs().max()
     assert (results["weight"] - results["input"]).abs().max() > 0  # two genuinely different computations
 
 
@@ -132,9 +136,7 @@ def test_permutations_are_seeded_per_layer_side_and_merge():
     second = get_peft_model(tiny_llama(seed=9), POETConfig(block=16, seed=3))
     other_seed = get_peft_model(tiny_llama(), POETConfig(block=16, seed=4))
     perms = [layer.poet_perm_in["default"].clone() for layer in poet_peft.poet_layers(first)]
-    assert all(
-        torch.equal(p, layer.poet_perm_in["default"]) for p, layer in zip(perms, poet_peft.poet_layers(second))
-    )
+    assert all(torch.equal(p, layer.poet_perm_in["default"]) for p, layer in zip(perms, poet_peft.poet_layers(second)))
     assert not torch.equal(perms[0], next(poet_peft.poet_layers(other_seed)).poet_perm_in["default"])
     assert not torch.equal(perms[0], perms[1])  # q_proj and k_proj of layer 0
     for perm in perms:
@@ -182,9 +184,14 @@ def test_bad_config_values_raise_naming_the_field_value_and_valid_choices(kwargs
         (
             POETConfig(block=128),
             ValueError,
-            r"cannot wrap model\.layers\.0\.self_attn\.q_proj: block=128 is larger than its out_features \(64\).*2 ≤ block ≤ 64",
+            r"cannot wrap model\.layers\.0\.self_attn\.q_proj: block=128 is larger than its out_features \(64\)"
+            r".*2 ≤ block ≤ 64",
         ),
-        (POETConfig(block=0.01, mode="fs"), ValueError, r"cannot wrap model\.layers\.0\.self_attn\.q_proj: block=0.01.*fewer than 2"),
+        (
+            POETConfig(block=0.01, mode="fs"),
+            ValueError,
+            r"cannot wrap model\.layers\.0\.self_attn\.q_proj: block=0.01.*fewer than 2",
+        ),
         (
             POETConfig(target_modules=["embed_tokens"]),
             TypeError,
@@ -215,3 +222,46 @@ def test_unknown_architecture_without_targets_lists_its_linear_layers():
         get_peft_model(Tiny(), POETConfig(block=4))
     wrapped = get_peft_model(Tiny(), POETConfig(block=4, target_modules=["encoder"]))
     assert wrapped.get_nb_trainable_parameters()[0] == 2 * 2 * 6
+
+
+def test_two_active_adapters_compose_like_merging_both(tokens):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16), adapter_name="a")
+    peft_model.add_adapter("b", POETConfig(block=0.5, mode="fs", seed=1))
+    peft_model.base_model.set_adapter(["a", "b"])
+    randomize_skew(peft_model, std=0.05)
+    reference = float64_reference(peft_model, tokens)
+    for path in ("weight", "input", "auto"):
+        for layer in poet_peft.poet_layers(peft_model):
+            layer.poet_config["a"].forward_path = path
+        assert (outputs(peft_model, tokens).double() - reference).abs().max() < 1e-5 * reference.abs().max()
+
+
+def test_inference_mode_then_training_works(tokens):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16))
+    with torch.inference_mode():
+        outputs(peft_model, tokens)
+    outputs(peft_model, tokens).square().mean().backward()
+    assert all(param.grad is not None for param in poet_peft.poet_parameters(peft_model))
+
+
+def test_rotations_stay_float32_under_bf16_autocast(tokens):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)
+    layer = next(poet_peft.poet_layers(peft_model))
+    left, _ = layer.rotations("default")
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        left_autocast, _ = layer.rotations("default")
+        rotated = left_autocast.apply(x)
+    assert torch.equal(left_autocast.blocks[0], left.blocks[0])
+    assert torch.equal(rotated, left.apply(x))
+
+
+def test_a_bad_target_found_late_leaves_the_model_untouched():
+    model = tiny_llama(ffn=48)  # gate/up/down have a 48-wide side, smaller than the block
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"mlp\.gate_proj: block=56 is larger than its out_features \(48\)"):
+        get_peft_model(model, POETConfig(block=56, init_weights="normalized_gaussian"))
+    assert not any(isinstance(module, poet_peft.POETLinear) for module in model.modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())

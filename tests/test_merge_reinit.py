@@ -36,7 +36,11 @@ def byte_llama(seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
         num_key_value_heads=2,
     )
     return LlamaForCausalLM(config)
@@ -136,8 +140,9 @@ DETERMINISM = """
 import hashlib, torch, poet_peft
 from peft import get_peft_model
 from conftest import randomize_skew, tiny_llama
+base = tiny_llama()
 torch.manual_seed({global_seed})  # ranks' global RNG states differ; POET's draws must not depend on them
-model = get_peft_model(tiny_llama(), poet_peft.POETConfig(block=16, mode="{mode}"))
+model = get_peft_model(base, poet_peft.POETConfig(block=16, mode="{mode}"))
 for merge in range(3):
     randomize_skew(model, std=0.05, seed=merge)
     poet_peft.merge_and_reinit(model)
@@ -177,6 +182,15 @@ def test_orthogonalized_merges_keep_the_spectrum_through_500_merges_of_training(
     assert max(singular_value_drift(s0, s, floor=0.01) for s0, s in zip(initial, final)) < 1e-4
     # Folding the Neumann R as trained moves the spectrum by orders of magnitude more, in a fifth of the merges.
     assert max(singular_value_drift(s0, s, floor=0.01) for s0, s in zip(initial, drifted)) > 1e-2
+
+
+def test_merge_is_skipped_while_adapters_are_disabled():
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)
+    before = copy.deepcopy(peft_model.state_dict())
+    with peft_model.disable_adapter(), pytest.warns(UserWarning, match="adapters are disabled"):
+        assert poet_peft.merge_and_reinit(peft_model) == 0
+    assert all(torch.equal(before[key], value) for key, value in peft_model.state_dict().items())
 
 
 def test_merge_schedule_merges_on_period_and_ramps_the_clip():
@@ -220,10 +234,17 @@ def test_poet_callback_merges_every_period_inside_trainer(tmp_path):
     model = get_peft_model(tiny_llama(), POETConfig(block=16, merge_every=3))
     recorder = ClipRecorder()
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=7, per_device_train_batch_size=4, max_grad_norm=2.0,
-        report_to="none", save_strategy="no", logging_strategy="no",
+        output_dir=str(tmp_path),
+        max_steps=7,
+        per_device_train_batch_size=4,
+        max_grad_norm=2.0,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[POETCallback(clip_ramp_steps=2), recorder])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=RandomTokens(), callbacks=[POETCallback(clip_ramp_steps=2), recorder]
+    )
     trainer.train()
     assert all(int(layer.poet_merge_count["default"]) == 2 for layer in poet_peft.poet_layers(model))
     assert recorder.clips == pytest.approx([2.0, 2.0, 2.0, 0.2, 1.1, 2.0, 0.2])

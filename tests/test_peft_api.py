@@ -124,11 +124,10 @@ def test_set_adapter_and_delete_adapter(tokens):
     only_a = outputs(peft_model, tokens)
     peft_model.add_adapter("b", POETConfig(block=32, target_modules=["q_proj", "v_proj"]))
     peft_model.set_adapter("b")
-    assert all(
-        param.requires_grad == (".b" in name.rsplit("poet_", 1)[-1][1:])
-        for name, param in peft_model.named_parameters()
-        if "poet_" in name
-    )
+    for layer in poet_peft.poet_layers(peft_model):
+        assert not layer.poet_R["a"].requires_grad and not layer.poet_P["a"].requires_grad
+        if "b" in layer.poet_R:
+            assert layer.poet_R["b"].requires_grad and layer.poet_P["b"].requires_grad
     randomize_skew(peft_model, std=0.05, seed=2)
     only_b = outputs(peft_model, tokens)
     assert (only_b - only_a).abs().max() > 1e-3
@@ -152,9 +151,9 @@ def test_set_adapter_and_delete_adapter(tokens):
 RELOAD = """
 import torch, poet_peft
 from peft import PeftModel
-from conftest import outputs, tiny_llama
+from conftest import outputs, tiny_model
 tokens = torch.load("tokens.pt", weights_only=True)
-model = PeftModel.from_pretrained(tiny_llama(seed={base_seed}), "adapter").eval()
+model = PeftModel.from_pretrained(tiny_model("{architecture}", seed={base_seed}), "adapter").eval()
 print(torch.equal(outputs(model, tokens), torch.load("expected.pt", weights_only=True)))
 """
 
@@ -166,12 +165,14 @@ PRETRAINING = dict(
 
 
 @pytest.mark.parametrize(
-    "merges, extra, base_seed",
-    [(0, {}, 0), (3, {}, 0), (3, PRETRAINING, 5)],
-    ids=["finetune-no-merge", "finetune-merged", "pretrain-other-base"],
+    "architecture, merges, extra, base_seed",
+    [("llama", 0, {}, 0), ("llama", 3, {}, 0), ("gpt2", 3, {}, 0), ("llama", 3, PRETRAINING, 5)],
+    ids=["finetune-no-merge", "finetune-merged", "conv1d-merged", "pretrain-other-base"],
 )
-def test_save_and_load_in_a_fresh_process_reproduce_outputs_exactly(merges, extra, base_seed, tokens, tmp_path, request):
-    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16, merge_every=1, **extra))
+def test_save_and_load_in_a_fresh_process_reproduce_outputs_exactly(
+    architecture, merges, extra, base_seed, tokens, tmp_path, request
+):
+    peft_model = get_peft_model(tiny_model(architecture), POETConfig(block=16, merge_every=1, **extra))
     for merge in range(merges):
         randomize_skew(peft_model, std=0.05, seed=merge)
         poet_peft.merge_and_reinit(peft_model)
@@ -182,18 +183,21 @@ def test_save_and_load_in_a_fresh_process_reproduce_outputs_exactly(merges, extr
 
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     poet_keys = [key for key in saved if "poet_" in key or key.endswith("base_layer.weight")]
-    assert all(
-        key.endswith(("poet_R", "poet_P", "poet_perm_out", "poet_perm_in", "poet_merge_count", "base_layer.weight"))
-        for key in poet_keys
-    )
+    suffixes = ("poet_R", "poet_P", "poet_perm_out", "poet_perm_in", "poet_merge_count", "poet_base_rewritten")
+    assert all(key.endswith((*suffixes, "base_layer.weight")) for key in poet_keys)
     # W0 travels in the adapter file once merges or a fresh init have rewritten it, and only then.
-    assert sum(key.endswith("base_layer.weight") for key in saved) == (14 if merges or extra else 0)
+    rewritten = bool(merges or extra)
+    layers = len(list(poet_peft.poet_layers(peft_model)))
+    assert sum(key.endswith("base_layer.weight") for key in saved) == (layers if rewritten else 0)
+    assert {bool(v) for k, v in saved.items() if k.endswith("poet_base_rewritten")} == {rewritten}
     assert {int(v) for k, v in saved.items() if k.endswith("poet_merge_count")} == {merges}
 
     # The reloading base model still has the original weights (or, for pretraining, other random ones): the
     # merged W0, the permutations and Q must all come from the adapter file.
     tests_dir = request.path.parent
-    code = f"import sys; sys.path.insert(0, {str(tests_dir)!r})\n" + RELOAD.format(base_seed=base_seed)
+    code = f"import sys; sys.path.insert(0, {str(tests_dir)!r})\n" + RELOAD.format(
+        architecture=architecture, base_seed=base_seed
+    )
     assert run_fresh_python(code, cwd=tmp_path).strip() == "True"
 
 
@@ -228,3 +232,42 @@ def test_loading_without_importing_poet_peft_fails_with_the_type_name(tmp_path):
         """
     )
     assert "POET" in result
+
+
+def test_w0_is_saved_after_the_adapter_that_merged_it_is_deleted(tokens, tmp_path):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16), adapter_name="a")
+    randomize_skew(peft_model, std=0.05)
+    poet_peft.merge_and_reinit(peft_model)
+    peft_model.add_adapter("b", POETConfig(block=32))
+    peft_model.set_adapter("b")
+    randomize_skew(peft_model, std=0.05, seed=4)
+    peft_model.delete_adapter("a")
+    expected = outputs(peft_model, tokens)
+    peft_model.save_pretrained(tmp_path, selected_adapters=["b"])
+    saved = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert sum(key.endswith("base_layer.weight") for key in saved) == 14
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "b")
+    assert torch.equal(outputs(reloaded, tokens), expected)
+
+
+def test_loading_a_second_adapter_that_carries_w0_refuses_to_overwrite_the_first(tokens, tmp_path):
+    merged_one = get_peft_model(tiny_llama(), POETConfig(block=16))
+    randomize_skew(merged_one, std=0.05)
+    poet_peft.merge_and_reinit(merged_one)
+    merged_one.save_pretrained(tmp_path / "merged")
+    other = get_peft_model(tiny_llama(), POETConfig(block=16))
+    randomize_skew(other, std=0.05, seed=7)
+    expected = outputs(other, tokens)
+    with pytest.raises(ValueError, match=r"carries its own W0 .* would overwrite the W0 that adapter\(s\) default"):
+        other.load_adapter(tmp_path / "merged", adapter_name="second")
+    other.set_adapter("default")
+    assert torch.equal(outputs(other, tokens), expected)
+
+
+def test_low_memory_loading_of_a_bf16_model_keeps_q_in_float32(tmp_path):
+    peft_model = get_peft_model(tiny_llama().to(torch.bfloat16), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.0123)
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path, low_cpu_mem_usage=True)
+    for saved, loaded in zip(poet_peft.poet_parameters(peft_model), poet_peft.poet_parameters(reloaded)):
+        assert loaded.dtype == torch.float32 and torch.equal(saved, loaded)

@@ -7,6 +7,7 @@ do not cover stays put. `BlockLayout` says how the blocks are sized; `BlockRotat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -14,6 +15,13 @@ from typing import Optional
 import torch
 
 from .orthogonal import nearest_orthogonal, packed_size, rotation_from_skew, skew_from_packed
+
+
+def _full_precision(tensor: torch.Tensor):
+    # Rotations stay in their own dtype (float32 or finer) even inside a bf16/fp16 autocast region.
+    if not torch.amp.is_autocast_available(tensor.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 @dataclass(frozen=True)
@@ -32,11 +40,6 @@ class BlockLayout:
     def num_parameters(self) -> int:
         """Trainable parameters: b(b−1)/2 per block."""
         return sum(count * packed_size(size) for count, size in self.groups)
-
-    @property
-    def cost(self) -> int:
-        """Multiply-adds to rotate one vector of this side (Σ b² over blocks)."""
-        return sum(count * size * size for count, size in self.groups)
 
 
 def block_stochastic_layout(dim: int, block: int) -> BlockLayout:
@@ -84,11 +87,12 @@ class BlockRotation:
         """Rotation blocks from the flat vector of packed skew parameters, in `dtype` (default float32 or finer)."""
         dtype = dtype or torch.promote_types(packed.dtype, torch.float32)
         blocks, start = [], 0
-        for count, size in layout.groups:
-            stop = start + count * packed_size(size)
-            skew = skew_from_packed(packed[start:stop].to(dtype).view(count, packed_size(size)), size)
-            blocks.append(rotation_from_skew(skew, neumann_terms))
-            start = stop
+        with _full_precision(packed):
+            for count, size in layout.groups:
+                stop = start + count * packed_size(size)
+                skew = skew_from_packed(packed[start:stop].to(dtype).view(count, packed_size(size)), size)
+                blocks.append(rotation_from_skew(skew, neumann_terms))
+                start = stop
         return cls(layout, perm, blocks)
 
     def apply(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -100,15 +104,18 @@ class BlockRotation:
         eye = [torch.eye(b.shape[-1], dtype=b.dtype, device=b.device) for b in self.blocks]
         return self._apply(x, [b - i for b, i in zip(self.blocks, eye)], transpose=False, keep_uncovered=False)
 
-    def _apply(self, x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool) -> torch.Tensor:
+    def _apply(
+        self, x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool
+    ) -> torch.Tensor:
         x = x.to(blocks[0].dtype)
         permuted = x.index_select(-1, self.perm)
         pieces, start = [], 0
         equation = "...kj,kji->...ki" if transpose else "...kj,kij->...ki"
-        for group_blocks, (count, size) in zip(blocks, self.layout.groups):
-            segment = permuted[..., start : start + count * size].unflatten(-1, (count, size))
-            pieces.append(torch.einsum(equation, segment, group_blocks).flatten(-2))
-            start += count * size
+        with _full_precision(x):
+            for group_blocks, (count, size) in zip(blocks, self.layout.groups):
+                segment = permuted[..., start : start + count * size].unflatten(-1, (count, size))
+                pieces.append(torch.einsum(equation, segment, group_blocks).flatten(-2))
+                start += count * size
         uncovered = permuted[..., start:]
         pieces.append(uncovered if keep_uncovered else torch.zeros_like(uncovered))
         # Scatter back through the permutation; it is a full permutation, so every entry is written.

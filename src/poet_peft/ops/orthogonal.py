@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
@@ -12,24 +10,13 @@ def packed_size(block: int) -> int:
     return block * (block - 1) // 2
 
 
-@functools.lru_cache(maxsize=None)
-def _upper_indices(block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(block, block, 1, device=device)
-    return rows, cols
-
-
 def skew_from_packed(packed: torch.Tensor, block: int) -> torch.Tensor:
     """Skew-symmetric matrices Q = U − Uᵀ from their packed strict upper triangles, shape (..., b(b−1)/2)."""
-    rows, cols = _upper_indices(block, packed.device)
+    # Built per call, not cached: a cached index tensor made under torch.inference_mode() would poison backward.
+    rows, cols = torch.triu_indices(block, block, 1, device=packed.device)
     upper = packed.new_zeros(*packed.shape[:-1], block, block)
     upper[..., rows, cols] = packed
     return upper - upper.transpose(-1, -2)
-
-
-def packed_from_skew(skew: torch.Tensor) -> torch.Tensor:
-    """The packed strict upper triangles of skew-symmetric matrices, the inverse of `skew_from_packed`."""
-    rows, cols = _upper_indices(skew.shape[-1], skew.device)
-    return skew[..., rows, cols]
 
 
 def _identity_like(matrices: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Optional
 
@@ -27,10 +28,14 @@ def merge_and_reinit(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
     """POET's merge: W0 ← R·W0·P in every POET layer, Q ← 0, new permutations, Q's optimizer state reset.
 
     Every draw comes from a generator seeded by (config seed, layer name, merge count), so all ranks of a
-    distributed run merge identically without communicating. Returns the number of layers merged.
+    distributed run merge identically without communicating. Returns the number of layers merged: none while
+    the adapters are disabled (`with model.disable_adapter():`), since the forward pass then ignores them.
     """
     params = poet_parameters(model)
     layers = list(poet_layers(model))
+    if any(layer.disable_adapters for layer in layers):
+        warnings.warn("merge_and_reinit skipped: the POET adapters are disabled.", stacklevel=2)
+        return 0
     for layer in layers:
         layer.merge_and_reinit()
     if optimizer is not None:

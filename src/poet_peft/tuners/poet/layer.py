@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -22,15 +20,10 @@ from ...ops.blocks import (
     rotate_weight,
 )
 from ...ops.initialization import initial_weight
+from ...ops.seeding import seeded_generator
 from .config import POETConfig
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
-
-
-def seeded_generator(*key: object) -> torch.Generator:
-    """A CPU generator seeded from a stable hash of `key`: the same draw on every rank, run and resume."""
-    digest = hashlib.sha256("|".join(map(str, key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 class POETLinear(nn.Module, BaseTunerLayer):
@@ -38,13 +31,14 @@ class POETLinear(nn.Module, BaseTunerLayer):
 
     Per adapter it holds the packed skew parameters of R (`poet_R`, output side) and P (`poet_P`, input side),
     the permutations that place their blocks (`poet_perm_out`, `poet_perm_in`) and how many merges have been
-    folded into W0 (`poet_merge_count`). W0 itself is the base layer's weight.
+    folded into W0 (`poet_merge_count`). W0 itself is the base layer's weight; `poet_base_rewritten` records,
+    for the layer as a whole, whether a merge or a fresh init has made it differ from the base model's.
     """
 
     adapter_layer_names = ("poet_R", "poet_P")
     other_param_names = ("poet_perm_out", "poet_perm_in", "poet_merge_count", "poet_config", "poet_layouts")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: POETConfig, layer_key: str, **kwargs):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: POETConfig, layer_key: str):
         super().__init__()
         self.base_layer = base_layer
         self.layer_key = layer_key
@@ -57,9 +51,9 @@ class POETLinear(nn.Module, BaseTunerLayer):
         self.poet_merge_count = BufferDict(persistent=True)
         self.poet_config: dict[str, POETConfig] = {}
         self.poet_layouts: dict[str, tuple[BlockLayout, BlockLayout]] = {}
+        self.register_buffer("poet_base_rewritten", torch.tensor(False, device=self.logical_weight().device))
         self._disable_adapters = False
         self.merged_adapters = []
-        self.kwargs = kwargs
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -75,8 +69,8 @@ class POETLinear(nn.Module, BaseTunerLayer):
             self.logical_weight().copy_(weight)
 
     # -- adapters -------------------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: POETConfig, **kwargs) -> None:
-        """Add a POET adapter: zero skew parameters (so R = P = I), fresh permutations, optionally a fresh W0."""
+    def update_layer(self, adapter_name: str, config: POETConfig) -> None:
+        """Add a POET adapter: zero skew parameters (so R = P = I) and fresh permutations."""
         layouts = (
             self._layout(config, self.out_features, "out_features"),
             self._layout(config, self.in_features, "in_features"),
@@ -100,12 +94,23 @@ class POETLinear(nn.Module, BaseTunerLayer):
         self.poet_perm_out[adapter_name] = torch.empty(self.out_features, dtype=torch.long, device=weight.device)
         self.poet_perm_in[adapter_name] = torch.empty(self.in_features, dtype=torch.long, device=weight.device)
         self._draw_permutations(adapter_name)
-        if config.init_weights is not None:
-            generator = seeded_generator(config.seed, self.layer_key, "weight")
-            self._write_logical_weight(
-                initial_weight(config.init_weights, self.out_features, self.in_features, generator)
-            )
         self.set_adapter(self.active_adapters)
+
+    def initialize_base_weight(self, adapter_name: str) -> None:
+        """Redraw W0 as the adapter's `init_weights` says (pretraining from scratch); a no-op if it is None."""
+        config = self.poet_config[adapter_name]
+        if config.init_weights is None:
+            return
+        generator = seeded_generator(config.seed, self.layer_key, "weight")
+        self._write_logical_weight(initial_weight(config.init_weights, self.out_features, self.in_features, generator))
+        self.poet_base_rewritten.fill_(True)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # PEFT's version also casts to the base weight's dtype; Q must stay float32 next to bf16 weights.
+        device = device or self.get_base_layer().weight.device
+        for store in (self.poet_R, self.poet_P, self.poet_perm_out, self.poet_perm_in, self.poet_merge_count):
+            if adapter_name in store and store[adapter_name].device != torch.device("meta"):
+                store[adapter_name] = store[adapter_name].to(device)
 
     def _layout(self, config: POETConfig, dim: int, side: str) -> BlockLayout:
         if config.mode == "bs":
@@ -126,7 +131,7 @@ class POETLinear(nn.Module, BaseTunerLayer):
     def _draw_permutations(self, adapter_name: str) -> None:
         config, merges = self.poet_config[adapter_name], int(self.poet_merge_count[adapter_name])
         for side, perms in (("out", self.poet_perm_out), ("in", self.poet_perm_in)):
-            generator = seeded_generator(config.seed, self.layer_key, side, merges)
+            generator = seeded_generator(config.seed, self.layer_key, adapter_name, side, merges)
             perms[adapter_name].copy_(torch.randperm(perms[adapter_name].numel(), generator=generator))
 
     def _active_poet_adapters(self) -> list[str]:
@@ -138,21 +143,23 @@ class POETLinear(nn.Module, BaseTunerLayer):
 
     def rotations(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> tuple[BlockRotation, BlockRotation]:
         """The adapter's current (R, P) as block rotations, from its skew parameters, in float32 unless `dtype`."""
-        config = self.poet_config[adapter_name]
-        out_layout, in_layout = self.poet_layouts[adapter_name]
-        left = BlockRotation.from_packed(
-            out_layout, self.poet_perm_out[adapter_name], self.poet_R[adapter_name], config.neumann_terms, dtype
+        terms = self.poet_config[adapter_name].neumann_terms
+        sides = zip(
+            self.poet_layouts[adapter_name],
+            (self.poet_perm_out[adapter_name], self.poet_perm_in[adapter_name]),
+            (self.poet_R[adapter_name], self.poet_P[adapter_name]),
         )
-        right = BlockRotation.from_packed(
-            in_layout, self.poet_perm_in[adapter_name], self.poet_P[adapter_name], config.neumann_terms, dtype
-        )
+        left, right = (BlockRotation.from_packed(layout, perm, packed, terms, dtype) for layout, perm, packed in sides)
         return left, right
 
-    def rotated_weight(self, adapter_names: list[str]) -> torch.Tensor:
-        """R·W0·P for the adapters in order (R₂R₁·W0·P₁P₂), in float64: what merging writes into the weight."""
+    def rotated_weight(self, adapter_names: list[str], orthogonalize: bool = False) -> torch.Tensor:
+        """R·W0·P for the adapters in order (R₂R₁·W0·P₁P₂), in float64; optionally with R, P orthogonalised."""
         weight = self.logical_weight().double()
         for name in adapter_names:
-            weight = rotate_weight(weight, *self.rotations(name, torch.float64))
+            left, right = self.rotations(name, torch.float64)
+            if orthogonalize:
+                left, right = left.orthogonalized(), right.orthogonalized()
+            weight = rotate_weight(weight, left, right)
         return weight
 
     def unrotated_weight(self, adapter_names: list[str]) -> torch.Tensor:
@@ -219,7 +226,9 @@ class POETLinear(nn.Module, BaseTunerLayer):
                 continue
             merged = self.rotated_weight([name])
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of {self.layer_key}: adapter {name!r} is broken.")
+                raise ValueError(
+                    f"NaNs detected in the merged weights of {self.layer_key}: adapter {name!r} is broken."
+                )
             self._write_logical_weight(merged)
             self.merged_adapters.append(name)
 
@@ -248,21 +257,13 @@ class POETLinear(nn.Module, BaseTunerLayer):
             )
         for name in self._active_poet_adapters():
             # Folded in float64: hundreds of merges must not add up rounding errors in W0's spectrum.
-            left, right = self.rotations(name, torch.float64)
-            if self.poet_config[name].merge_orthogonalize:
-                left, right = left.orthogonalized(), right.orthogonalized()
-            self._write_logical_weight(rotate_weight(self.logical_weight().double(), left, right))
+            orthogonalize = self.poet_config[name].merge_orthogonalize
+            self._write_logical_weight(self.rotated_weight([name], orthogonalize))
             self.poet_R[name].zero_()
             self.poet_P[name].zero_()
             self.poet_merge_count[name] += 1
             self._draw_permutations(name)
-
-    @property
-    def base_weight_rewritten(self) -> bool:
-        """Whether W0 differs from the base model's weight (a fresh init or a merge), so adapter files must carry it."""
-        return any(int(count) > 0 for count in self.poet_merge_count.values()) or any(
-            config.init_weights is not None for config in self.poet_config.values()
-        )
+            self.poet_base_rewritten.fill_(True)
 
     def base_weight_for_saving(self) -> torch.Tensor:
         """W0 in the base layer's own storage convention, with any PEFT merge undone."""

@@ -6,12 +6,14 @@ from collections.abc import Iterator
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import _get_submodules
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from .config import POETConfig
 from .layer import SUPPORTED_LAYERS, POETLinear
 
+BASE_WEIGHT = "base_layer.weight"
 _LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BERT_STYLE = ("query", "key", "value", "output.dense", "intermediate.dense")
 
@@ -40,7 +42,9 @@ def poet_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _linear_layer_names(model: nn.Module) -> str:
-    names = sorted({name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)})
+    names = sorted(
+        {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)}
+    )
     return ", ".join(names) if names else "(none)"
 
 
@@ -65,12 +69,29 @@ class POETModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # All or nothing: a bad target found halfway must not leave the user's model partly wrapped, and W0 is
+        # only redrawn (init_weights) once every target has been wrapped.
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as error:
             raise NoMatchingPeftModuleError(
                 f"{error} POET wraps Linear and Conv1D layers; this model's are named: {_linear_layer_names(model)}."
             ) from error
+        except Exception:
+            self._remove_adapter_layers(model, adapter_name)
+            raise
+        for layer in poet_layers(model):
+            if adapter_name in layer.poet_config:
+                layer.initialize_base_weight(adapter_name)
+
+    @staticmethod
+    def _remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
+        for name, layer in [(name, m) for name, m in model.named_modules() if isinstance(m, POETLinear)]:
+            if set(layer.poet_config) == {adapter_name}:
+                parent, _, child_name = _get_submodules(model, name)
+                setattr(parent, child_name, layer.get_base_layer())
+            elif adapter_name in layer.poet_config:
+                layer.delete_adapter(adapter_name)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, POETLinear):
@@ -91,7 +112,28 @@ class POETModel(BaseTuner):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # Once merges (or a fresh init) have rewritten W0, Q alone no longer reproduces the model: carry W0 too.
         for name, layer in model.named_modules():
-            key = f"{name}.base_layer.weight"
-            if isinstance(layer, POETLinear) and layer.base_weight_rewritten and key in state_dict:
-                to_return[key] = layer.base_weight_for_saving() if layer.merged else state_dict[key]
+            if not (isinstance(layer, POETLinear) and bool(layer.poet_base_rewritten)):
+                continue
+            key = f"{name.replace('_fsdp_wrapped_module.', '')}.{BASE_WEIGHT}"
+            if key not in state_dict:
+                raise KeyError(
+                    f"POET must save the merged W0 of {name}, but the state dict being saved has no {key!r}; "
+                    "without it the adapter file could not reproduce the model."
+                )
+            to_return[key] = layer.base_weight_for_saving() if layer.merged else state_dict[key]
         return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, POETLinear)}
+        for key in state_dict:
+            name = key.removesuffix("." + BASE_WEIGHT)
+            layer = layers.get(name, layers.get(name.removeprefix("base_model.model."))) if name != key else None
+            others = set(layer.poet_config) - {adapter_name} if layer is not None else set()
+            if others:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} carries its own W0 for {name} (it was "
+                    f"merged during training), and loading it would overwrite the W0 that adapter(s) "
+                    f"{', '.join(sorted(others))} build on. Load it into a fresh base model instead."
+                )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
