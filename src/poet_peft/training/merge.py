@@ -27,7 +27,7 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
 def merge_and_reinit(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
     """POET's merge: W0 ← R·W0·P in every POET layer, Q ← 0, new permutations, Q's optimizer state reset.
 
-    Every draw comes from a generator seeded by (config seed, layer name, merge count), so all ranks of a
+    Every draw comes from a generator seeded by (seed, layer name, adapter, side, merge count), so all ranks of a
     distributed run merge identically without communicating. Returns the number of layers merged: none while
     the adapters are disabled (`with model.disable_adapter():`), since the forward pass then ignores them.
     """

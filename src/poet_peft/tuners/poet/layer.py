@@ -108,7 +108,8 @@ class POETLinear(nn.Module, BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # PEFT's version also casts to the base weight's dtype; Q must stay float32 next to bf16 weights.
         device = device or self.get_base_layer().weight.device
-        for store in (self.poet_R, self.poet_P, self.poet_perm_out, self.poet_perm_in, self.poet_merge_count):
+        stores = (getattr(self, name) for name in self.adapter_layer_names + self.other_param_names)
+        for store in (store for store in stores if isinstance(store, (nn.ParameterDict, BufferDict))):
             if adapter_name in store and store[adapter_name].device != torch.device("meta"):
                 store[adapter_name] = store[adapter_name].to(device)
 
