@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from . import kernels
 from .orthogonal import nearest_orthogonal, packed_size, rotation_from_skew, skew_from_packed
 
 
@@ -86,29 +87,41 @@ class BlockRotation:
     ) -> BlockRotation:
         """Rotation blocks from the flat vector of packed skew parameters, in `dtype` (default float32 or finer)."""
         dtype = dtype or torch.promote_types(packed.dtype, torch.float32)
+        on_kernels = (
+            neumann_terms is not None
+            and dtype in (torch.float32, torch.float64)
+            and kernels.use_kernels(packed, [size for _, size in layout.groups])
+        )
         blocks, start = [], 0
         with _full_precision(packed):
             for count, size in layout.groups:
                 stop = start + count * packed_size(size)
-                skew = skew_from_packed(packed[start:stop].to(dtype).view(count, packed_size(size)), size)
-                blocks.append(rotation_from_skew(skew, neumann_terms))
+                group = packed[start:stop].to(dtype).view(count, packed_size(size))
+                if on_kernels:
+                    blocks.append(kernels.cayley_neumann(group, size, neumann_terms))
+                else:
+                    blocks.append(rotation_from_skew(skew_from_packed(group, size), neumann_terms))
                 start = stop
         return cls(layout, perm, blocks)
 
     def apply(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """Multiply every vector along the last dimension of x by this matrix (or its transpose)."""
+        """Multiply every vector along the last dimension of x by this matrix (or its transpose), in x's dtype."""
         return self._apply(x, self.blocks, transpose, keep_uncovered=True)
 
     def apply_minus_identity(self, x: torch.Tensor) -> torch.Tensor:
-        """(M − I)·v for every vector v along the last dimension of x: exactly zero when the blocks are identities."""
+        """(M − I)·v for every vector v along the last dimension of x, in x's dtype: exactly zero for identity blocks."""
         eye = [torch.eye(b.shape[-1], dtype=b.dtype, device=b.device) for b in self.blocks]
         return self._apply(x, [b - i for b, i in zip(self.blocks, eye)], transpose=False, keep_uncovered=False)
 
     def _apply(
         self, x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool
     ) -> torch.Tensor:
-        x = x.to(blocks[0].dtype)
-        permuted = x.index_select(-1, self.perm)
+        if blocks[0].dtype == kernels.accumulator_dtype(x.dtype) and kernels.use_kernels(
+            x, [size for _, size in self.layout.groups]
+        ):
+            rows = x.reshape(-1, x.shape[-1])  # a 2-D x (a transposed weight) goes as it is, strides and all
+            return kernels.block_rotate(rows, self.perm, blocks, transpose, keep_uncovered).view(x.shape)
+        permuted = x.to(blocks[0].dtype).index_select(-1, self.perm)
         pieces, start = [], 0
         equation = "...kj,kji->...ki" if transpose else "...kj,kij->...ki"
         with _full_precision(x):
@@ -119,7 +132,7 @@ class BlockRotation:
         uncovered = permuted[..., start:]
         pieces.append(uncovered if keep_uncovered else torch.zeros_like(uncovered))
         # Scatter back through the permutation; it is a full permutation, so every entry is written.
-        return x.new_empty(x.shape).index_copy_(-1, self.perm, torch.cat(pieces, dim=-1))
+        return x.new_empty(x.shape).index_copy_(-1, self.perm, torch.cat(pieces, dim=-1).to(x.dtype))
 
     def inverse(self) -> BlockRotation:
         """The exact inverse (blocks inverted in float64), for when the blocks are only nearly orthogonal."""

@@ -1,0 +1,316 @@
+"""POET's CUDA kernels (csrc/poet_ops.cu) as torch custom ops with autograd, and the choice between them and torch.
+
+The kernels are compiled at run time by CuPy's NVRTC, once per process and GPU architecture, and launched on
+torch's current stream with tensors handed over through DLPack (no copies). `torch.ops.poet_peft.*` are
+ordinary custom ops to autograd, `torch.compile` and distributed wrappers. CPU tensors, and CUDA tensors
+without CuPy, use the torch reference in `blocks.py`; the environment variable POET_PEFT_KERNELS forces
+either path ("cuda" or "torch"; default "auto").
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import math
+import os
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+THREADS = 256  # POET_THREADS in the source
+MAX_OUTPUTS = 16  # POET_MAX_OUTPUTS: outputs of a tile per thread
+SHARED_MEMORY = 48 * 1024  # dynamic shared memory a block may use without opting in
+GRAD_TILE, GRAD_CHUNK = 32, 32  # POET_GRAD_TILE, POET_GRAD_CHUNK
+MAX_BLOCK = 512  # larger blocks (POET-FS) are dense GEMMs: cuBLAS through the torch path does them better
+COMPILE_OPTIONS = ("-std=c++17",)
+KERNEL_MODES = ("auto", "cuda", "torch")
+ENV_VARIABLE = "POET_PEFT_KERNELS"
+
+_C_TYPES = {torch.float32: "float", torch.float64: "double", torch.float16: "poet_half", torch.bfloat16: "poet_bf16"}
+KERNEL_NAMES = tuple(
+    [
+        f"{kernel}<{c_type}>"
+        for kernel in ("cayley_neumann_forward", "cayley_neumann_backward")
+        for c_type in ("float", "double")
+    ]
+    + [f"{kernel}<{c_type}>" for kernel in ("block_rotate", "block_rotate_grad_blocks") for c_type in _C_TYPES.values()]
+)
+
+
+def kernel_source() -> str:
+    """The CUDA source of all kernels, as shipped inside the package."""
+    return importlib.resources.files("poet_peft").joinpath("csrc", "poet_ops.cu").read_text(encoding="utf-8")
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in, and keep rotations in, for data of `dtype`: float64 or float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Launcher(Protocol):
+    """Something that runs a kernel of KERNEL_NAMES: CuPy on a GPU (tests add a CPU emulator)."""
+
+    def launch(self, name: str, grid: tuple[int, int, int], shared_memory: int, args: Sequence) -> None: ...
+
+
+class CupyLauncher:
+    """Launches the kernels with CuPy on torch's current CUDA stream."""
+
+    def launch(self, name: str, grid: tuple[int, int, int], shared_memory: int, args: Sequence) -> None:
+        """Run kernel `name` on a grid of THREADS-thread blocks; args are tensors (by pointer) and ints."""
+        import cupy
+        import numpy
+
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        stream = torch.cuda.current_stream(device)
+        with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+            kernel = _compiled_module(torch.cuda.get_device_capability(device)).get_function(name)
+            # CuPy has no bfloat16: 16-bit data travels as int16 words, which the kernels reinterpret.
+            arguments = tuple(
+                cupy.from_dlpack(a.view(torch.int16) if a.element_size() == 2 else a)
+                if isinstance(a, torch.Tensor)
+                else numpy.int64(a)
+                for a in args
+            )
+            kernel(grid, (THREADS, 1, 1), arguments, shared_mem=shared_memory)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_module(capability: tuple[int, int]):
+    # One module per GPU architecture in this process; CuPy also caches the binary on disk across processes.
+    import cupy
+
+    return cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=KERNEL_NAMES)
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_import_error() -> Optional[str]:
+    try:
+        import cupy  # noqa: F401
+    except Exception as error:  # CuPy missing, or present without a usable CUDA runtime
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _launcher_for(device: torch.device) -> tuple[Optional[Launcher], str]:
+    """The launcher for tensors on `device`, or None and why there is none."""
+    if device.type != "cuda":
+        return None, f"the tensors are on {device.type}, and the kernels run on CUDA devices only"
+    error = _cupy_import_error()
+    if error is not None:
+        return None, f"CuPy is not usable ({error}); install poet-peft[cuda]"
+    return CupyLauncher(), ""
+
+
+def kernel_mode() -> str:
+    """The path chosen by POET_PEFT_KERNELS: 'auto' (kernels where they can run), 'cuda' or 'torch'."""
+    mode = os.environ.get(ENV_VARIABLE, "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{ENV_VARIABLE}={mode!r} is not a valid choice; use one of {', '.join(KERNEL_MODES)}.")
+    return mode
+
+
+def use_kernels(tensor: torch.Tensor, block_sizes: Sequence[int]) -> bool:
+    """Whether work on `tensor` with rotation blocks of `block_sizes` goes to the kernels (else to torch)."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    launcher, reason = _launcher_for(tensor.device)
+    if launcher is not None and tensor.dtype not in _C_TYPES:
+        reason = f"dtype {tensor.dtype} is not one of {', '.join(map(str, _C_TYPES))}"
+    elif launcher is not None and max(block_sizes) > MAX_BLOCK:
+        reason = f"a block of {max(block_sizes)} exceeds the kernels' limit of {MAX_BLOCK}"
+    else:
+        return launcher is not None
+    if mode == "cuda":
+        raise RuntimeError(f"{ENV_VARIABLE}=cuda, but the kernels cannot run: {reason}. Set it to 'auto' or 'torch'.")
+    return False
+
+
+def _launch(device: torch.device, name: str, grid: tuple[int, int, int], shared_memory: int, args: Sequence) -> None:
+    launcher, reason = _launcher_for(device)
+    if launcher is None:
+        raise RuntimeError(f"Cannot run kernel {name}: {reason}.")
+    launcher.launch(name, grid, shared_memory, args)
+
+
+def _new_output(
+    like: torch.Tensor, shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """Uninitialised storage for a kernel's output (the kernels write every element): like `like`, or of `shape`."""
+    if shape is None:  # same strides as `like`, so that a transposed weight's rotation is written coalesced
+        return torch.empty_like(like, dtype=dtype)
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _tile(size: int, buffers: int, element_bytes: int, max_columns: int) -> tuple[int, int]:
+    """(columns, depth) of a tile: `buffers` size×columns tiles and a size×depth slab fit in shared memory."""
+    columns, depth = max(1, min(max_columns, THREADS * MAX_OUTPUTS // size)), 16
+    while size * (buffers * columns + depth) * element_bytes > SHARED_MEMORY:
+        if depth > 4 or columns == 1:
+            depth //= 2
+        else:
+            columns //= 2
+    return columns, depth
+
+
+# -- Cayley–Neumann ------------------------------------------------------------------------------------------
+def _check_packed(packed: torch.Tensor, size: int) -> None:
+    if packed.dim() != 2 or packed.shape[1] != size * (size - 1) // 2:
+        raise ValueError(
+            f"packed skew parameters must have shape (blocks, {size * (size - 1) // 2}), got {tuple(packed.shape)}"
+        )
+    if packed.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"packed skew parameters must be float32 or float64, got {packed.dtype}")
+
+
+@torch.library.custom_op("poet_peft::cayley_neumann", mutates_args=())
+def cayley_neumann(packed: torch.Tensor, size: int, terms: int) -> torch.Tensor:
+    """Rotation blocks (I + Q)(I + Q + … + Q^terms), shape (blocks, size, size), from packed skew parameters."""
+    _check_packed(packed, size)
+    packed = packed.contiguous()
+    rotations = _new_output(packed, (packed.shape[0], size, size))
+    columns, depth = _tile(size, 1, packed.element_size(), size)
+    shared = size * (columns + depth) * packed.element_size()
+    grid = (math.ceil(size / columns), packed.shape[0], 1)
+    name = f"cayley_neumann_forward<{_C_TYPES[packed.dtype]}>"
+    _launch(packed.device, name, grid, shared, [packed, rotations, size, terms, columns, depth])
+    return rotations
+
+
+@cayley_neumann.register_fake
+def _(packed: torch.Tensor, size: int, terms: int) -> torch.Tensor:
+    return packed.new_empty(packed.shape[0], size, size)
+
+
+@torch.library.custom_op("poet_peft::cayley_neumann_backward", mutates_args=())
+def cayley_neumann_backward(packed: torch.Tensor, grad_rotations: torch.Tensor, size: int, terms: int) -> torch.Tensor:
+    """Gradient of the packed skew parameters given the gradient of `cayley_neumann`'s rotation blocks."""
+    packed, grad_rotations = packed.contiguous(), grad_rotations.to(packed.dtype).contiguous()
+    grad_packed = torch.zeros_like(packed)  # zeroed: the kernel adds the two halves of each entry atomically
+    columns, depth = _tile(size, 2, packed.element_size(), size)
+    shared = size * (2 * columns + depth) * packed.element_size()
+    grid = (math.ceil(size / columns), packed.shape[0], 1)
+    name = f"cayley_neumann_backward<{_C_TYPES[packed.dtype]}>"
+    _launch(packed.device, name, grid, shared, [packed, grad_rotations, grad_packed, size, terms, columns, depth])
+    return grad_packed
+
+
+@cayley_neumann_backward.register_fake
+def _(packed: torch.Tensor, grad_rotations: torch.Tensor, size: int, terms: int) -> torch.Tensor:
+    return torch.empty_like(packed)
+
+
+def _cayley_neumann_setup(ctx, inputs, output) -> None:
+    packed, ctx.size, ctx.terms = inputs
+    ctx.save_for_backward(packed)
+
+
+def _cayley_neumann_grad(ctx, grad_rotations: torch.Tensor):
+    (packed,) = ctx.saved_tensors
+    return cayley_neumann_backward(packed, grad_rotations, ctx.size, ctx.terms), None, None
+
+
+cayley_neumann.register_autograd(_cayley_neumann_grad, setup_context=_cayley_neumann_setup)
+
+
+# -- permuted block-diagonal rotation --------------------------------------------------------------------------
+def _groups(blocks: Sequence[torch.Tensor]) -> list[tuple[int, int, int]]:
+    """(start, count, size) of each group of blocks along the permuted coordinates."""
+    groups, start = [], 0
+    for group in blocks:
+        count, size = group.shape[0], group.shape[-1]
+        groups.append((start, count, size))
+        start += count * size
+    return groups
+
+
+@torch.library.custom_op("poet_peft::block_rotate", mutates_args=())
+def block_rotate(
+    x: torch.Tensor, perm: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool
+) -> torch.Tensor:
+    """Πᵀ·diag(B₁, …, I)·Π (or with every Bᵀ) applied to each row of the 2-D x; uncovered coordinates kept or zeroed.
+
+    `blocks` holds one (count, size, size) tensor per group of equal blocks, in the accumulator dtype of x.
+    """
+    rows, dim = x.shape
+    y = _new_output(x)
+    for group, (start, count, size) in zip(blocks, _groups(blocks)):
+        columns, depth = _tile(size, 1, group.element_size(), max(1, rows))
+        shared = size * (columns + depth) * group.element_size()
+        grid = (math.ceil(rows / columns), count, 1)
+        args = [
+            x,
+            *x.stride(),
+            rows,
+            y,
+            *y.stride(),
+            perm,
+            start,
+            size,
+            group.contiguous(),
+            int(transpose),
+            columns,
+            depth,
+        ]
+        _launch(x.device, f"block_rotate<{_C_TYPES[x.dtype]}>", grid, shared, args)
+    covered = sum(count * size for _, count, size in _groups(blocks))
+    if covered < dim:  # POET-FS: coordinates outside the subset pass through (or are zero, for M − I)
+        rest = perm[covered:]
+        y.index_copy_(1, rest, x.index_select(1, rest) if keep_uncovered else x.new_zeros(rows, dim - covered))
+    return y
+
+
+@block_rotate.register_fake
+def _(x, perm, blocks, transpose, keep_uncovered):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("poet_peft::block_rotate_grad_blocks", mutates_args=())
+def block_rotate_grad_blocks(
+    x: torch.Tensor, grad_y: torch.Tensor, perm: torch.Tensor, counts: list[int], sizes: list[int], transpose: bool
+) -> list[torch.Tensor]:
+    """Gradients of `block_rotate`'s blocks, one (count, size, size) tensor per group, summed over the rows."""
+    rows = x.shape[0]
+    # dL/dB[i][j] = Σₙ dy[n, π(i)]·x[n, π(j)] for y = B·x; for y = Bᵀ·x the roles of x and dy swap.
+    a, b = (x, grad_y) if transpose else (grad_y, x)
+    grads, start = [], 0
+    for count, size in zip(counts, sizes):
+        tiles = math.ceil(size / GRAD_TILE)
+        # Split the rows so that the GPU has enough blocks; the partial sums are added in a fixed order.
+        splits = max(1, min(math.ceil(1024 / (tiles * tiles * count)), math.ceil(rows / (8 * GRAD_CHUNK))))
+        partial = _new_output(x, (splits, count, size, size), accumulator_dtype(x.dtype))
+        shared = 2 * GRAD_CHUNK * GRAD_TILE * partial.element_size()
+        args = [a, *a.stride(), b, *b.stride(), rows, perm, start, size, partial]
+        _launch(
+            x.device, f"block_rotate_grad_blocks<{_C_TYPES[x.dtype]}>", (tiles * tiles, count, splits), shared, args
+        )
+        grads.append(partial.sum(0))
+        start += count * size
+    return grads
+
+
+@block_rotate_grad_blocks.register_fake
+def _(x, grad_y, perm, counts, sizes, transpose):
+    return [x.new_empty(count, size, size, dtype=accumulator_dtype(x.dtype)) for count, size in zip(counts, sizes)]
+
+
+def _block_rotate_setup(ctx, inputs, output) -> None:
+    x, perm, blocks, ctx.transpose, ctx.keep_uncovered = inputs
+    ctx.shapes = [(group.shape[0], group.shape[-1]) for group in blocks]
+    ctx.save_for_backward(x, perm, *blocks)
+
+
+def _block_rotate_grad(ctx, grad_y: torch.Tensor):
+    x, perm, *blocks = ctx.saved_tensors
+    grad_y = grad_y.to(x.dtype)
+    grad_x = grad_blocks = None
+    if ctx.needs_input_grad[0]:  # y = M·x row by row, so dx = Mᵀ·dy; uncovered coordinates map as in the forward
+        grad_x = block_rotate(grad_y, perm, blocks, not ctx.transpose, ctx.keep_uncovered)
+    if ctx.needs_input_grad[2]:
+        counts, sizes = zip(*ctx.shapes)
+        grad_blocks = block_rotate_grad_blocks(x, grad_y, perm, list(counts), list(sizes), ctx.transpose)
+    return grad_x, None, grad_blocks, None, None
+
+
+block_rotate.register_autograd(_block_rotate_grad, setup_context=_block_rotate_setup)
