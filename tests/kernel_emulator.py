@@ -27,7 +27,7 @@ def compiler() -> str | None:
 
 def _entry_points() -> str:
     entries = "\n".join(
-        f'        {{"{name}", [](dim3 g, dim3 b, std::size_t s, void** w) {{ launch_from_words(&{name}, g, b, s, w); }}}},'
+        f'{{"{name}", [](dim3 g, dim3 b, std::size_t s, void** w) {{ launch_from_words(&{name}, g, b, s, w); }}}},'
         for name in KERNEL_NAMES
     )
     return f"""
@@ -54,7 +54,9 @@ class EmulatedLauncher:
         source.write_text(f'#include "{HEADER}"\n' + kernel_source() + _entry_points())
         library = directory / "poet_ops_emulated.so"
         command = [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", str(source), "-o", str(library)]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        built = subprocess.run(command, capture_output=True, text=True)
+        if built.returncode != 0:
+            raise RuntimeError(f"the kernel emulator does not build:\n{built.stderr}")
         self.library = ctypes.CDLL(str(library))
         self.library.poet_emulate.restype = ctypes.c_int
         self.launches: list[str] = []

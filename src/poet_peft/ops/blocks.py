@@ -109,7 +109,7 @@ class BlockRotation:
         return self._apply(x, self.blocks, transpose, keep_uncovered=True)
 
     def apply_minus_identity(self, x: torch.Tensor) -> torch.Tensor:
-        """(M − I)·v for every vector v along the last dimension of x, in x's dtype: exactly zero for identity blocks."""
+        """(M − I)·v for every vector v along the last dimension of x, in x's dtype: exactly 0 for identity blocks."""
         eye = [torch.eye(b.shape[-1], dtype=b.dtype, device=b.device) for b in self.blocks]
         return self._apply(x, [b - i for b, i in zip(self.blocks, eye)], transpose=False, keep_uncovered=False)
 

@@ -13,6 +13,8 @@ import functools
 import importlib.resources
 import math
 import os
+import re
+from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -65,9 +67,10 @@ class CupyLauncher:
         stream = torch.cuda.current_stream(device)
         with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
             kernel = _compiled_module(torch.cuda.get_device_capability(device)).get_function(name)
-            # CuPy has no bfloat16: 16-bit data travels as int16 words, which the kernels reinterpret.
+            # DLPack refuses tensors that require grad (we are below autograd here, so detach is safe), and CuPy
+            # has no bfloat16: 16-bit data travels as int16 words, which the kernels reinterpret.
             arguments = tuple(
-                cupy.from_dlpack(a.view(torch.int16) if a.element_size() == 2 else a)
+                cupy.from_dlpack(a.detach().view(torch.int16) if a.element_size() == 2 else a.detach())
                 if isinstance(a, torch.Tensor)
                 else numpy.int64(a)
                 for a in args
@@ -116,12 +119,13 @@ def use_kernels(tensor: torch.Tensor, block_sizes: Sequence[int]) -> bool:
     if mode == "torch":
         return False
     launcher, reason = _launcher_for(tensor.device)
-    if launcher is not None and tensor.dtype not in _C_TYPES:
-        reason = f"dtype {tensor.dtype} is not one of {', '.join(map(str, _C_TYPES))}"
-    elif launcher is not None and max(block_sizes) > MAX_BLOCK:
-        reason = f"a block of {max(block_sizes)} exceeds the kernels' limit of {MAX_BLOCK}"
-    else:
-        return launcher is not None
+    if launcher is not None:
+        if tensor.dtype not in _C_TYPES:
+            reason = f"dtype {tensor.dtype} is not one of {', '.join(map(str, _C_TYPES))}"
+        elif max(block_sizes) > MAX_BLOCK:
+            reason = f"a block of {max(block_sizes)} exceeds the kernels' limit of {MAX_BLOCK}"
+        else:
+            return True
     if mode == "cuda":
         raise RuntimeError(f"{ENV_VARIABLE}=cuda, but the kernels cannot run: {reason}. Set it to 'auto' or 'torch'.")
     return False
@@ -152,6 +156,41 @@ def _tile(size: int, buffers: int, element_bytes: int, max_columns: int) -> tupl
         else:
             columns //= 2
     return columns, depth
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas reports for one compiled kernel."""
+
+    name: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+
+
+def compile_kernels(arch: str) -> list[KernelResources]:
+    """Compile every kernel for `arch` (e.g. "sm_90") with NVRTC, which needs no GPU; raises on any compile error."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    program = nvrtc.createProgram(kernel_source(), "poet_ops.cu", [], [])
+    try:
+        for name in KERNEL_NAMES:
+            nvrtc.addNameExpression(program, name)
+        try:
+            nvrtc.compileProgram(program, [f"--gpu-architecture={arch}", "-Xptxas=-v", *COMPILE_OPTIONS])
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(f"poet_ops.cu does not compile for {arch}:\n{nvrtc.getProgramLog(program)}") from error
+        log = nvrtc.getProgramLog(program)
+        names = {nvrtc.getLoweredName(program, name): name for name in KERNEL_NAMES}
+    finally:
+        nvrtc.destroyProgram(program)
+    resources = []
+    for entry in re.split(r"Compiling entry function ", log)[1:]:
+        mangled = re.match(r"'(\w+)'", entry).group(1)
+        stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry).groups()
+        registers = re.search(r"Used (\d+) registers", entry).group(1)
+        resources.append(KernelResources(names[mangled], int(registers), int(stores), int(loads)))
+    return resources
 
 
 # -- Cayley–Neumann ------------------------------------------------------------------------------------------
@@ -225,6 +264,23 @@ def _groups(blocks: Sequence[torch.Tensor]) -> list[tuple[int, int, int]]:
     return groups
 
 
+def _check_rotation_inputs(x: torch.Tensor, perm: torch.Tensor, blocks: Sequence[torch.Tensor]) -> None:
+    # The kernels index through perm without bounds checks: a mismatch here would read out of bounds.
+    if x.dim() != 2 or x.shape[1] != perm.numel():
+        raise ValueError(
+            f"x has {x.shape[-1]} coordinates per row but the permutation has {perm.numel()} (x must be 2-D)"
+        )
+    if perm.dtype != torch.int64:
+        raise ValueError(f"the permutation must be int64, got {perm.dtype}")
+    covered = sum(group.shape[0] * group.shape[-1] for group in blocks)
+    if covered > perm.numel():
+        raise ValueError(f"the blocks cover {covered} coordinates, more than the {perm.numel()} of x")
+    expected = accumulator_dtype(x.dtype)
+    if any(group.dim() != 3 or group.shape[1] != group.shape[2] or group.dtype != expected for group in blocks):
+        found = ", ".join(f"{tuple(g.shape)} {g.dtype}" for g in blocks)
+        raise ValueError(f"blocks of a {x.dtype} x must be {expected}, shaped (count, size, size); got {found}")
+
+
 @torch.library.custom_op("poet_peft::block_rotate", mutates_args=())
 def block_rotate(
     x: torch.Tensor, perm: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool
@@ -233,6 +289,7 @@ def block_rotate(
 
     `blocks` holds one (count, size, size) tensor per group of equal blocks, in the accumulator dtype of x.
     """
+    _check_rotation_inputs(x, perm, blocks)
     rows, dim = x.shape
     y = _new_output(x)
     for group, (start, count, size) in zip(blocks, _groups(blocks)):

@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""POET's CUDA kernels against the torch reference and PEFT OFT, and a POET layer's training step against a dense one.
+
+Three tables, each measured side by side in one process (forward + backward, median of `--repeats`):
+1. Cayley–Neumann: d/b rotation blocks of size b from packed skew parameters (3 Neumann terms): our kernel, our
+   torch reference, and PEFT OFT's `_cayley_batch`.
+2. The input-centric rotation of `--tokens` bf16 activations of width d (blocks built, then applied): kernels,
+   torch reference, and PEFT OFT's rotation module (which does not permute).
+3. One training step (bf16 autocast forward, backward, AdamW) of a d×d POET-BS linear layer against the same
+   dense nn.Linear trained with AdamW, with the kernels and with the torch path.
+
+    python benchmarks/bench_ops.py --record benchmarks/RESULTS.md
+
+On a machine without a GPU it runs on the CPU (smaller by default) and shows the kernel columns as n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from peft import get_peft_model
+from peft.tuners.oft.layer import OFTRotationModule
+from tqdm.auto import tqdm
+
+from poet_peft import POETConfig
+from poet_peft.ops import kernels
+from poet_peft.ops.blocks import BlockRotation, block_stochastic_layout
+from poet_peft.ops.orthogonal import cayley_neumann, packed_size, skew_from_packed
+
+TERMS = 3
+
+
+@contextlib.contextmanager
+def kernel_path(mode: str):
+    """Run the enclosed code with POET_PEFT_KERNELS set to `mode`."""
+    previous = os.environ.get(kernels.ENV_VARIABLE)
+    os.environ[kernels.ENV_VARIABLE] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(kernels.ENV_VARIABLE)
+        else:
+            os.environ[kernels.ENV_VARIABLE] = previous
+
+
+def milliseconds(step: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median wall time of `step` in ms, after warm-up (which also compiles the kernels)."""
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def kernels_usable(device: torch.device) -> bool:
+    """Whether the CUDA kernels can run here."""
+    with kernel_path("auto"):
+        return kernels.use_kernels(torch.empty(1, device=device), [8])
+
+
+def cayley_row(block: int, dim: int, device: torch.device, repeats: int) -> list[Optional[float]]:
+    """ms for kernel, torch reference and PEFT OFT to build (and backpropagate through) d/b blocks."""
+    count = dim // block
+    packed = (torch.randn(count, packed_size(block), device=device) * 0.01).requires_grad_(True)
+    grad = torch.randn(count, block, block, device=device)
+    oft = OFTRotationModule(count, packed_size(block), block, dim, num_cayley_neumann_terms=TERMS).to(device)
+
+    def backward(build: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: build().backward(grad)
+
+    steps = [
+        backward(lambda: kernels.cayley_neumann(packed, block, TERMS)) if kernels_usable(device) else None,
+        backward(lambda: cayley_neumann(skew_from_packed(packed, block), TERMS)),
+        backward(lambda: oft._cayley_batch(packed, block, True, TERMS)),
+    ]
+    return [milliseconds(step, device, repeats) if step else None for step in steps]
+
+
+def rotation_row(block: int, dim: int, tokens: int, device: torch.device, repeats: int) -> list[Optional[float]]:
+    """ms for kernels, torch reference and PEFT OFT to rotate bf16 activations (blocks built each time)."""
+    layout = block_stochastic_layout(dim, block)
+    perm = torch.randperm(dim, device=device)
+    packed = (torch.randn(layout.num_parameters, device=device) * 0.01).requires_grad_(True)
+    x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    oft = OFTRotationModule(dim // block, packed_size(block), block, dim, num_cayley_neumann_terms=TERMS).to(device)
+
+    def ours(mode: str) -> Callable[[], None]:
+        def step() -> None:
+            with kernel_path(mode):
+                BlockRotation.from_packed(layout, perm, packed, TERMS).apply(x).backward(grad)
+
+        return step
+
+    steps = [ours("cuda") if kernels_usable(device) else None, ours("torch"), lambda: oft(x).backward(grad)]
+    return [milliseconds(step, device, repeats) if step else None for step in steps]
+
+
+class OneLinear(torch.nn.Module):
+    """A single bias-free d×d linear layer, the unit the POET step is compared on."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def training_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    """One bf16-autocast forward, backward and AdamW step on the trainable parameters of `model`."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def layer_row(block: int, dim: int, tokens: int, device: torch.device, repeats: int) -> list[Optional[float]]:
+    """ms per training step: dense + AdamW, POET on the kernels, POET on the torch path."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, dim, device=device)
+    dense = OneLinear(dim).to(device)
+    poet = get_peft_model(OneLinear(dim), POETConfig(block=block, target_modules=["proj"])).to(device)
+    results = [milliseconds(training_step(dense, x, device), device, repeats)]
+    for mode in ("cuda", "torch"):
+        if mode == "cuda" and not kernels_usable(device):
+            results.append(None)
+            continue
+        with kernel_path(mode):
+            results.append(milliseconds(training_step(poet, x, device), device, repeats))
+    return results
+
+
+def cell(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
+    return "n/a" if numerator is None or denominator is None else f"{numerator / denominator:.2f}×"
+
+
+def main() -> None:
+    """Measure all three tables and print (and optionally record) them."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256] if gpu else [32, 64])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 2048, 4096] if gpu else [256, 512])
+    parser.add_argument("--tokens", type=int, default=8192 if gpu else 512)
+    parser.add_argument("--layer_dim", type=int, default=4096 if gpu else 512)
+    parser.add_argument("--layer_block", type=int, default=256 if gpu else 64)
+    parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
+    parser.add_argument("--record", type=Path, default=None, help="append the tables to this Markdown file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if gpu else "cpu")
+    name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()} CPU"
+
+    shapes = [(b, d) for b in args.blocks for d in args.dims if d % b == 0]
+    cayley, rotation = {}, {}
+    for block, dim in tqdm(shapes, desc="Cayley–Neumann and rotations"):
+        cayley[block, dim] = cayley_row(block, dim, device, args.repeats)
+        rotation[block, dim] = rotation_row(block, dim, args.tokens, device, args.repeats)
+    dense, poet_kernels, poet_torch = layer_row(args.layer_block, args.layer_dim, args.tokens, device, args.repeats)
+
+    lines = [
+        f"Kernel benchmark, {date.today()}, {name}, torch {torch.__version__}",
+        f"`python benchmarks/bench_ops.py --blocks {' '.join(map(str, args.blocks))} --dims "
+        f"{' '.join(map(str, args.dims))} --tokens {args.tokens} --layer_dim {args.layer_dim} --layer_block "
+        f"{args.layer_block} --repeats {args.repeats}` (ms, forward + backward, median of {args.repeats})",
+        "",
+        f"Cayley–Neumann ({TERMS} terms), d/b blocks:",
+        "",
+        "| b | d | kernel | torch reference | PEFT OFT | kernel speed-up vs torch | vs OFT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (block, dim), (kernel, reference, oft) in cayley.items():
+        lines.append(
+            f"| {block} | {dim} | {cell(kernel)} | {cell(reference)} | {cell(oft)} "
+            f"| {ratio(reference, kernel)} | {ratio(oft, kernel)} |"
+        )
+    lines += [
+        "",
+        f"Input-centric rotation of {args.tokens}×d bf16 activations (blocks built, then applied):",
+        "",
+        "| b | d | kernels | torch reference | PEFT OFT (no permutation) | speed-up vs torch | vs OFT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (block, dim), (kernel, reference, oft) in rotation.items():
+        lines.append(
+            f"| {block} | {dim} | {cell(kernel)} | {cell(reference)} | {cell(oft)} "
+            f"| {ratio(reference, kernel)} | {ratio(oft, kernel)} |"
+        )
+    lines += [
+        "",
+        f"Training step of a {args.layer_dim}×{args.layer_dim} linear layer, {args.tokens} tokens, bf16 autocast, "
+        f"AdamW; POET-BS b={args.layer_block}, forward path auto:",
+        "",
+        "| dense + AdamW | POET, kernels | POET, torch path | POET kernels / dense | POET torch / dense |",
+        "|---|---|---|---|---|",
+        f"| {cell(dense)} | {cell(poet_kernels)} | {cell(poet_torch)} | {ratio(poet_kernels, dense)} "
+        f"| {ratio(poet_torch, dense)} |",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.record:
+        with args.record.open("a", encoding="utf-8") as handle:
+            handle.write("\n" + report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The CUDA kernels: they compile for sm_80/sm_90, match float64 references, and back the POET layer.
+
+Every parity test runs twice: on the CPU, through the emulator that compiles the shipped .cu source with g++
+(tests/kernel_emulator.py), and on a GPU with CuPy when there is one. Kernel outputs start as NaN, so an
+element a kernel never writes fails the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from kernel_emulator import EmulatedLauncher, compiler
+from peft import get_peft_model
+
+from poet_peft import POETConfig
+from poet_peft.ops import kernels
+from poet_peft.ops.blocks import BlockRotation, block_stochastic_layout, fully_stochastic_layout, rotate_weight
+from poet_peft.ops.orthogonal import cayley_neumann, packed_size, skew_from_packed
+
+# Blocks of b, a remainder block, a remainder of 1 (block b+1), and an FS subset; bigger ones on a real GPU.
+LAYOUTS = {
+    "cpu": [
+        block_stochastic_layout(40, 8),
+        block_stochastic_layout(37, 8),
+        block_stochastic_layout(33, 8),
+        fully_stochastic_layout(30, 0.25),
+        block_stochastic_layout(48, 48),
+    ],
+    "cuda": [block_stochastic_layout(d, b) for d in (1024, 1000, 4097) for b in (8, 32, 64, 128, 256)]
+    + [block_stochastic_layout(700, 512), fully_stochastic_layout(3000, 0.125)],
+}
+CAYLEY_SIZES = {"cpu": [2, 3, 8, 17, 33], "cuda": [8, 16, 32, 64, 100, 128, 256, 257, 512]}
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory) -> EmulatedLauncher:
+    if compiler() is None:
+        pytest.skip("no g++: the CPU emulation of the CUDA kernels needs a C++20 compiler")
+    return EmulatedLauncher(tmp_path_factory.mktemp("emulator"))
+
+
+@pytest.fixture(params=["cpu", "cuda"], ids=["emulated", "cuda"])
+def device(request, monkeypatch) -> torch.device:
+    """Where the kernels run: the CPU emulator, or a GPU through CuPy (skipped without one)."""
+    allocate = kernels._new_output
+
+    def poisoned(*args, **kwargs):
+        return allocate(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(kernels, "_new_output", poisoned)
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "cuda")  # the kernels or an error, never a silent torch fallback
+    if request.param == "cuda":
+        if not torch.cuda.is_available() or kernels._cupy_import_error() is not None:
+            pytest.skip("needs an NVIDIA GPU and CuPy (pip install 'poet-peft[cuda]'): runs these tests on CUDA")
+        return torch.device("cuda")
+    launcher = request.getfixturevalue("emulator")
+    monkeypatch.setattr(kernels, "_launcher_for", lambda device: (launcher, ""))
+    return torch.device("cpu")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def reference_rotation(rotation: BlockRotation, x: torch.Tensor, transpose: bool, keep: bool) -> torch.Tensor:
+    """The rotation of x in float64 by the torch path."""
+    blocks = [b.double() for b in rotation.blocks]
+    if not keep:
+        blocks = [b - torch.eye(b.shape[-1], dtype=b.dtype, device=b.device) for b in blocks]
+    reference = BlockRotation(rotation.layout, rotation.perm, blocks)
+    return reference._apply(x.double(), blocks, transpose, keep)
+
+
+def random_rotation(layout, device, scale=0.3, dtype=torch.float32, generator_seed=0) -> tuple:
+    generator = torch.Generator().manual_seed(generator_seed)
+    perm = torch.randperm(layout.dim, generator=generator).to(device)
+    packed = (torch.randn(layout.num_parameters, generator=generator, dtype=torch.float64) * scale).to(device, dtype)
+    return perm, packed
+
+
+# -- compiling without a GPU -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_compiles(arch):
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as error:  # no CuPy, or no NVRTC library
+        pytest.skip(f"no CUDA compiler: NVRTC is not usable ({error}); install 'poet-peft[cuda]'")
+    resources = kernels.compile_kernels(arch)
+    print(f"\n{arch}: kernel, registers, spill stores/loads (bytes)")
+    for kernel in resources:
+        print(f"  {kernel.name:40s} {kernel.registers:4d} {kernel.spill_stores:6d} {kernel.spill_loads:6d}")
+    assert sorted(k.name for k in resources) == sorted(kernels.KERNEL_NAMES)
+    # Two 256-thread blocks per SM need ≤ 128 registers; only the float64 test path may spill.
+    assert all(k.registers <= 128 for k in resources)
+    assert all(k.spill_stores == 0 for k in resources if "double" not in k.name)
+
+
+# -- Cayley–Neumann ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("terms", [0, 1, 3, 5])
+def test_cayley_neumann_matches_float64(device, terms):
+    for size in CAYLEY_SIZES[device.type]:
+        packed = torch.randn(3, packed_size(size), dtype=torch.float64) * (0.5 / size**0.5)
+        expected = cayley_neumann(skew_from_packed(packed, size), terms)
+        for dtype in (torch.float32, torch.float64):
+            rotations = kernels.cayley_neumann(packed.to(device, dtype), size, terms)
+            assert rotations.dtype == dtype and rotations.shape == (3, size, size)
+            assert torch.isfinite(rotations).all()
+            assert relative_error(rotations.cpu(), expected) <= TOLERANCE[dtype], (size, dtype)
+
+
+@pytest.mark.parametrize("terms", [0, 3])
+def test_cayley_neumann_gradient_matches_float64(device, terms):
+    for size in CAYLEY_SIZES[device.type]:
+        packed = torch.randn(2, packed_size(size), dtype=torch.float64) * (0.5 / size**0.5)
+        grad_rotations = torch.randn(2, size, size, dtype=torch.float64)
+        reference = packed.clone().requires_grad_(True)
+        (cayley_neumann(skew_from_packed(reference, size), terms) * grad_rotations).sum().backward()
+        on_device = packed.to(device, torch.float32).requires_grad_(True)
+        (kernels.cayley_neumann(on_device, size, terms) * grad_rotations.to(device)).sum().backward()
+        assert torch.isfinite(on_device.grad).all()
+        assert relative_error(on_device.grad.cpu(), reference.grad) <= TOLERANCE[torch.float32], size
+
+
+def test_cayley_neumann_gradcheck(device):
+    packed = (torch.randn(2, packed_size(6), dtype=torch.float64) * 0.2).to(device).requires_grad_(True)
+    check = lambda p: kernels.cayley_neumann(p, 6, 3)  # noqa: E731
+    assert torch.autograd.gradcheck(check, (packed,), fast_mode=device.type == "cpu")
+
+
+# -- permuted block rotation -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_block_rotation_matches_float64(device, dtype):
+    for index, layout in enumerate(LAYOUTS[device.type]):
+        perm, packed = random_rotation(layout, device, dtype=kernels.accumulator_dtype(dtype), generator_seed=index)
+        rotation = BlockRotation.from_packed(layout, perm, packed, neumann_terms=3)
+        activations = torch.randn(3, 7, layout.dim, device=device).to(dtype)  # 21 rows: not a tile multiple
+        transposed = torch.randn(layout.dim, 19, device=device).to(dtype).t()  # a weight's columns, strided
+        for x in (activations, transposed):
+            for transpose in (False, True):
+                result = rotation.apply(x, transpose)
+                assert result.dtype == dtype and result.shape == x.shape and torch.isfinite(result).all()
+                expected = reference_rotation(rotation, x, transpose, keep=True)
+                assert relative_error(result.cpu(), expected.cpu()) <= TOLERANCE[dtype], (layout, transpose)
+            minus_identity = rotation.apply_minus_identity(x)
+            expected = reference_rotation(rotation, x, transpose=False, keep=False)
+            assert relative_error(minus_identity.cpu(), expected.cpu()) <= TOLERANCE[dtype], layout
+
+
+def test_block_rotation_gradients_match_float64(device):
+    for layout in LAYOUTS[device.type]:
+        perm, packed = random_rotation(layout, device)
+        x = torch.randn(21, layout.dim, device=device)
+        grad_y = torch.randn(21, layout.dim, device=device)
+        results = []
+        for dtype in (torch.float32, torch.float64):
+            leaf_packed = packed.to(dtype, copy=True).requires_grad_(True)
+            leaf_x = x.to(dtype, copy=True).requires_grad_(True)
+            rotation = BlockRotation.from_packed(layout, perm, leaf_packed, neumann_terms=3)
+            both = rotation.apply(leaf_x) + rotation.apply(leaf_x, transpose=True)
+            (both * grad_y.to(dtype)).sum().backward()
+            results.append((leaf_packed.grad, leaf_x.grad))
+        (packed_32, x_32), (packed_64, x_64) = results
+        assert torch.isfinite(packed_32).all() and torch.isfinite(x_32).all()
+        assert relative_error(packed_32.cpu(), packed_64.cpu()) <= TOLERANCE[torch.float32], layout
+        assert relative_error(x_32.cpu(), x_64.cpu()) <= TOLERANCE[torch.float32], layout
+
+
+def test_block_rotation_gradcheck(device):
+    layout = block_stochastic_layout(11, 4)  # blocks of 4, 4 and 3
+    perm, packed = random_rotation(layout, device, dtype=torch.float64)
+    x = torch.randn(11, 11, dtype=torch.float64, device=device).requires_grad_(True)
+    packed.requires_grad_(True)
+
+    def rotate(packed, x):  # both sides of a weight: a strided (transposed) and a contiguous rotation
+        rotation = BlockRotation.from_packed(layout, perm, packed, neumann_terms=3, dtype=torch.float64)
+        return rotate_weight(x, left=rotation, right=rotation)
+
+    # On the emulator, which starts a thread per CUDA thread, a random projection of the Jacobian will do.
+    assert torch.autograd.gradcheck(rotate, (packed, x), fast_mode=device.type == "cpu")
+
+
+def test_block_rotate_rejects_mismatched_inputs(device):
+    layout = block_stochastic_layout(12, 4)
+    perm, packed = random_rotation(layout, device)
+    blocks = [kernels.cayley_neumann(packed.view(3, 6), 4, 3)]
+    with pytest.raises(ValueError, match="x has 5 coordinates per row but the permutation has 12"):
+        kernels.block_rotate(torch.randn(3, 5, device=device), perm, blocks, False, True)
+    with pytest.raises(ValueError, match="the blocks cover 24 coordinates, more than the 12"):
+        kernels.block_rotate(torch.randn(3, 12, device=device), perm, blocks * 2, False, True)
+    with pytest.raises(
+        ValueError, match=r"blocks of a torch.bfloat16 x must be torch.float32, .*got \(3, 4, 4\) torch.float64"
+    ):
+        kernels.block_rotate(
+            torch.randn(3, 12, device=device).bfloat16(), perm, [b.double() for b in blocks], False, True
+        )
+
+
+def test_custom_ops_pass_opcheck(device):
+    layout = block_stochastic_layout(14, 4)  # three blocks of 4 and one of 2
+    perm, packed = random_rotation(layout, device)
+    blocks = [b.detach().requires_grad_(True) for b in BlockRotation.from_packed(layout, perm, packed, 3).blocks]
+    x = torch.randn(6, 14, device=device, requires_grad=True)
+    torch.library.opcheck(kernels.cayley_neumann, (packed[:18].view(3, 6).clone().requires_grad_(True), 4, 3))
+    torch.library.opcheck(kernels.cayley_neumann_backward, (packed[:18].view(3, 6), torch.randn(3, 4, 4), 4, 3))
+    for transpose in (False, True):
+        torch.library.opcheck(kernels.block_rotate, (x, perm, blocks, transpose, True))
+    grad_y = torch.randn_like(x)
+    torch.library.opcheck(kernels.block_rotate_grad_blocks, (x.detach(), grad_y, perm, [3, 1], [4, 2], False))
+
+
+def test_torch_compile_traces_the_custom_ops(device):
+    layout = block_stochastic_layout(24, 8)
+    perm, packed = random_rotation(layout, device)
+    x = torch.randn(4, 24, device=device)
+
+    def rotate(packed, x):
+        return BlockRotation.from_packed(layout, perm, packed, neumann_terms=3).apply(x).square().sum()
+
+    eager_packed, compiled_packed = packed.clone().requires_grad_(True), packed.clone().requires_grad_(True)
+    rotate(eager_packed, x).backward()
+    torch.compile(rotate, backend="aot_eager", fullgraph=True)(compiled_packed, x).backward()
+    torch.testing.assert_close(compiled_packed.grad, eager_packed.grad)
+
+
+# -- the POET layer on the kernels ---------------------------------------------------------------------------
+@pytest.mark.parametrize("forward_path", ["weight", "input"])
+def test_poet_model_on_kernels_matches_torch_path(device, monkeypatch, forward_path):
+    tokens = torch.randint(0, 128, (2, 12), device=device)
+    results = {}
+    for mode in ("cuda", "torch"):
+        monkeypatch.setenv(kernels.ENV_VARIABLE, mode)
+        # Square and non-square layers, with and without a remainder block (96 = 12·8, 64 = 8·8; 100 in FFN).
+        config = POETConfig(block=8, forward_path=forward_path, seed=3, target_modules=["q_proj", "down_proj"])
+        model = get_peft_model(tiny_llama(ffn=100, layers=1).to(device), config)
+        for parameter in (p for n, p in model.named_parameters() if "poet_" in n):
+            with torch.no_grad():
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        logits = model(input_ids=tokens).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[mode] = logits.detach(), grads
+    (logits, grads), (expected_logits, expected_grads) = results["cuda"], results["torch"]
+    assert relative_error(logits.cpu(), expected_logits.cpu()) <= 1e-5
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert relative_error(grads[name].cpu(), expected_grads[name].cpu()) <= 1e-4, name
+
+
+# -- choosing the path ---------------------------------------------------------------------------------------
+def test_cpu_tensors_use_torch_unless_kernels_are_forced(monkeypatch):
+    x = torch.randn(4, 8)
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "auto")
+    assert not kernels.use_kernels(x, [8])
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "torch")
+    assert not kernels.use_kernels(x, [8])
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "cuda")
+    with pytest.raises(RuntimeError, match="POET_PEFT_KERNELS=cuda.*on cpu.*'auto' or 'torch'"):
+        kernels.use_kernels(x, [8])
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "gpu")
+    with pytest.raises(ValueError, match="'gpu' is not a valid choice; use one of auto, cuda, torch"):
+        kernels.use_kernels(x, [8])
+
+
+def test_unsupported_work_falls_back_to_torch_or_says_why(monkeypatch, emulator):
+    monkeypatch.setattr(kernels, "_launcher_for", lambda device: (emulator, ""))
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "auto")
+    assert kernels.use_kernels(torch.randn(2, 8), [8])
+    assert not kernels.use_kernels(torch.randn(2, 8, dtype=torch.complex64), [8])
+    assert not kernels.use_kernels(torch.randn(2, 8), [kernels.MAX_BLOCK + 1])
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "cuda")
+    with pytest.raises(RuntimeError, match=f"a block of {kernels.MAX_BLOCK + 1} exceeds"):
+        kernels.use_kernels(torch.randn(2, 8), [kernels.MAX_BLOCK + 1])
+
+
+def test_kernel_source_ships_with_the_package():
+    source = kernels.kernel_source()
+    for name in {name.split("<")[0] for name in kernels.KERNEL_NAMES}:
+        assert f"void __launch_bounds__(POET_THREADS, 2) {name}(" in source
