@@ -7,6 +7,12 @@ element a kernel never writes fails the test.
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -276,7 +282,15 @@ def test_unsupported_work_falls_back_to_torch_or_says_why(monkeypatch, emulator)
         kernels.use_kernels(torch.randn(2, 8), [kernels.MAX_BLOCK + 1])
 
 
-def test_kernel_source_ships_with_the_package():
-    source = kernels.kernel_source()
+def test_wheel_ships_the_kernel_source(tmp_path):
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed here, so no wheel can be built without the network")
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root)]
+    subprocess.run([*command, "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("poet_peft-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read("poet_peft/csrc/poet_ops.cu").decode("utf-8")
+    assert shipped == kernels.kernel_source()
     for name in {name.split("<")[0] for name in kernels.KERNEL_NAMES}:
-        assert f"void __launch_bounds__(POET_THREADS, 2) {name}(" in source
+        assert f"void __launch_bounds__(POET_THREADS, 2) {name}(" in shipped
