@@ -293,4 +293,4 @@ def test_wheel_ships_the_kernel_source(tmp_path):
         shipped = archive.read("poet_peft/csrc/poet_ops.cu").decode("utf-8")
     assert shipped == kernels.kernel_source()
     for name in {name.split("<")[0] for name in kernels.KERNEL_NAMES}:
-        assert f"void __launch_bounds__(POET_THREADS, 2) {name}(" in shipped
+        assert f"__launch_bounds__(POET_THREADS, 2)\n{name}(" in shipped

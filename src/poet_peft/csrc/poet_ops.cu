@@ -181,7 +181,8 @@ __device__ void tile_product(const Operand& a, const Acc* v, Acc* a_tile, Acc (&
 // Rotation blocks R = (I + Q)(I + Q + … + Q^terms) by Horner's scheme S ← I + Q·S, column tile by column
 // tile: block y is rotation block blockIdx.y, block x owns columns [x·cols, x·cols + cols).
 template <typename Acc>
-__global__ void __launch_bounds__(POET_THREADS, 2) cayley_neumann_forward(const Acc* __restrict__ packed, Acc* __restrict__ rotations, long long size,
+__global__ void __launch_bounds__(POET_THREADS, 2)
+cayley_neumann_forward(const Acc* __restrict__ packed, Acc* __restrict__ rotations, long long size,
                                        long long terms, long long cols, long long depth) {
     Acc* series = reinterpret_cast<Acc*>(poet_shared);  // size×cols: the columns of S
     Acc* a_tile = series + size * cols;
@@ -208,7 +209,8 @@ __global__ void __launch_bounds__(POET_THREADS, 2) cayley_neumann_forward(const 
 // with uₜ = Sₜᵀ·e (u₀ = e, uₜ₊₁ = e − Q·uₜ). The packed gradient is dQ[i][j] − dQ[j][i]; the two halves come
 // from different tiles, so each is added atomically into a zeroed output (two terms: order-independent).
 template <typename Acc>
-__global__ void __launch_bounds__(POET_THREADS, 2) cayley_neumann_backward(const Acc* __restrict__ packed, const Acc* __restrict__ grad_rotations,
+__global__ void __launch_bounds__(POET_THREADS, 2)
+cayley_neumann_backward(const Acc* __restrict__ packed, const Acc* __restrict__ grad_rotations,
                                         Acc* __restrict__ grad_packed, long long size, long long terms, long long cols,
                                         long long depth) {
     Acc* basis = reinterpret_cast<Acc*>(poet_shared);  // size×cols: uₜ
@@ -252,7 +254,8 @@ __global__ void __launch_bounds__(POET_THREADS, 2) cayley_neumann_backward(const
 // π(i) = perm[start + blockIdx.y·size + i]. The gather and scatter through π are fused into the loads and
 // stores. Strides are in elements, so a transposed weight needs no copy. Block x owns rows [x·cols, x·cols + cols).
 template <typename T>
-__global__ void __launch_bounds__(POET_THREADS, 2) block_rotate(const T* __restrict__ x, long long x_row_stride, long long x_col_stride, long long rows,
+__global__ void __launch_bounds__(POET_THREADS, 2)
+block_rotate(const T* __restrict__ x, long long x_row_stride, long long x_col_stride, long long rows,
                              T* __restrict__ y, long long y_row_stride, long long y_col_stride,
                              const long long* __restrict__ perm, long long start, long long size,
                              const typename Accumulator<T>::type* __restrict__ blocks, long long transpose,
@@ -282,7 +285,8 @@ __global__ void __launch_bounds__(POET_THREADS, 2) block_rotate(const T* __restr
 // blockIdx.z (of gridDim.z equal slices), written to grad[blockIdx.z]. With a = dy, b = x this is dL/dB;
 // for the transposed rotation, swap a and b. Block x is one 32×32 tile of G, block y the rotation block.
 template <typename T>
-__global__ void __launch_bounds__(POET_THREADS, 2) block_rotate_grad_blocks(const T* __restrict__ a, long long a_row_stride, long long a_col_stride,
+__global__ void __launch_bounds__(POET_THREADS, 2)
+block_rotate_grad_blocks(const T* __restrict__ a, long long a_row_stride, long long a_col_stride,
                                          const T* __restrict__ b, long long b_row_stride, long long b_col_stride,
                                          long long rows, const long long* __restrict__ perm, long long start,
                                          long long size, typename Accumulator<T>::type* __restrict__ grad) {
