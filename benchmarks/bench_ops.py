@@ -162,6 +162,15 @@ def ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
     return "n/a" if numerator is None or denominator is None else f"{numerator / denominator:.2f}×"
 
 
+def comparison_rows(results: dict) -> list[str]:
+    """Markdown rows of (b, d) → (kernel, torch reference, PEFT OFT) timings, with the kernel's speed-ups."""
+    return [
+        f"| {block} | {dim} | {cell(kernel)} | {cell(reference)} | {cell(oft)} "
+        f"| {ratio(reference, kernel)} | {ratio(oft, kernel)} |"
+        for (block, dim), (kernel, reference, oft) in results.items()
+    ]
+
+
 def main() -> None:
     """Measure all three tables and print (and optionally record) them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,11 +204,7 @@ def main() -> None:
         "| b | d | kernel | torch reference | PEFT OFT | kernel speed-up vs torch | vs OFT |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (block, dim), (kernel, reference, oft) in cayley.items():
-        lines.append(
-            f"| {block} | {dim} | {cell(kernel)} | {cell(reference)} | {cell(oft)} "
-            f"| {ratio(reference, kernel)} | {ratio(oft, kernel)} |"
-        )
+    lines += comparison_rows(cayley)
     lines += [
         "",
         f"Input-centric rotation of {args.tokens}×d bf16 activations (blocks built, then applied):",
@@ -207,11 +212,7 @@ def main() -> None:
         "| b | d | kernels | torch reference | PEFT OFT (no permutation) | speed-up vs torch | vs OFT |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (block, dim), (kernel, reference, oft) in rotation.items():
-        lines.append(
-            f"| {block} | {dim} | {cell(kernel)} | {cell(reference)} | {cell(oft)} "
-            f"| {ratio(reference, kernel)} | {ratio(oft, kernel)} |"
-        )
+    lines += comparison_rows(rotation)
     lines += [
         "",
         f"Training step of a {args.layer_dim}×{args.layer_dim} linear layer, {args.tokens} tokens, bf16 autocast, "

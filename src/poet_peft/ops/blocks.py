@@ -38,6 +38,11 @@ class BlockLayout:
         return sum(count * size for count, size in self.groups)
 
     @property
+    def sizes(self) -> list[int]:
+        """The block size of each group."""
+        return [size for _, size in self.groups]
+
+    @property
     def num_parameters(self) -> int:
         """Trainable parameters: b(b−1)/2 per block."""
         return sum(count * packed_size(size) for count, size in self.groups)
@@ -90,7 +95,7 @@ class BlockRotation:
         on_kernels = (
             neumann_terms is not None
             and dtype in (torch.float32, torch.float64)
-            and kernels.use_kernels(packed, [size for _, size in layout.groups])
+            and kernels.use_kernels(packed, layout.sizes)
         )
         blocks, start = [], 0
         with _full_precision(packed):
@@ -116,9 +121,7 @@ class BlockRotation:
     def _apply(
         self, x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool
     ) -> torch.Tensor:
-        if blocks[0].dtype == kernels.accumulator_dtype(x.dtype) and kernels.use_kernels(
-            x, [size for _, size in self.layout.groups]
-        ):
+        if blocks[0].dtype == kernels.accumulator_dtype(x.dtype) and kernels.use_kernels(x, self.layout.sizes):
             rows = x.reshape(-1, x.shape[-1])  # a 2-D x (a transposed weight) goes as it is, strides and all
             return kernels.block_rotate(rows, self.perm, blocks, transpose, keep_uncovered).view(x.shape)
         permuted = x.to(blocks[0].dtype).index_select(-1, self.perm)

@@ -254,17 +254,21 @@ cayley_neumann.register_autograd(_cayley_neumann_grad, setup_context=_cayley_neu
 
 
 # -- permuted block-diagonal rotation --------------------------------------------------------------------------
-def _groups(blocks: Sequence[torch.Tensor]) -> list[tuple[int, int, int]]:
+def _block_shapes(blocks: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """(counts, sizes) of the groups of (count, size, size) blocks."""
+    return [group.shape[0] for group in blocks], [group.shape[-1] for group in blocks]
+
+
+def _groups(counts: Sequence[int], sizes: Sequence[int]) -> list[tuple[int, int, int]]:
     """(start, count, size) of each group of blocks along the permuted coordinates."""
     groups, start = [], 0
-    for group in blocks:
-        count, size = group.shape[0], group.shape[-1]
+    for count, size in zip(counts, sizes):
         groups.append((start, count, size))
         start += count * size
     return groups
 
 
-def _check_rotation_inputs(x: torch.Tensor, perm: torch.Tensor, blocks: Sequence[torch.Tensor]) -> None:
+def _check_rotation_inputs(x: torch.Tensor, perm: torch.Tensor, blocks: Sequence[torch.Tensor], covered: int) -> None:
     # The kernels index through perm without bounds checks: a mismatch here would read out of bounds.
     if x.dim() != 2 or x.shape[1] != perm.numel():
         raise ValueError(
@@ -272,7 +276,6 @@ def _check_rotation_inputs(x: torch.Tensor, perm: torch.Tensor, blocks: Sequence
         )
     if perm.dtype != torch.int64:
         raise ValueError(f"the permutation must be int64, got {perm.dtype}")
-    covered = sum(group.shape[0] * group.shape[-1] for group in blocks)
     if covered > perm.numel():
         raise ValueError(f"the blocks cover {covered} coordinates, more than the {perm.numel()} of x")
     expected = accumulator_dtype(x.dtype)
@@ -289,10 +292,12 @@ def block_rotate(
 
     `blocks` holds one (count, size, size) tensor per group of equal blocks, in the accumulator dtype of x.
     """
-    _check_rotation_inputs(x, perm, blocks)
+    counts, sizes = _block_shapes(blocks)
+    covered = sum(count * size for count, size in zip(counts, sizes))
+    _check_rotation_inputs(x, perm, blocks, covered)
     rows, dim = x.shape
     y = _new_output(x)
-    for group, (start, count, size) in zip(blocks, _groups(blocks)):
+    for group, (start, count, size) in zip(blocks, _groups(counts, sizes)):
         columns, depth = _tile(size, 1, group.element_size(), max(1, rows))
         shared = size * (columns + depth) * group.element_size()
         grid = (math.ceil(rows / columns), count, 1)
@@ -311,7 +316,6 @@ def block_rotate(
             depth,
         ]
         _launch(x.device, f"block_rotate<{_C_TYPES[x.dtype]}>", grid, shared, args)
-    covered = sum(count * size for _, count, size in _groups(blocks))
     if covered < dim:  # POET-FS: coordinates outside the subset pass through (or are zero, for M − I)
         rest = perm[covered:]
         y.index_copy_(1, rest, x.index_select(1, rest) if keep_uncovered else x.new_zeros(rows, dim - covered))
@@ -331,8 +335,8 @@ def block_rotate_grad_blocks(
     rows = x.shape[0]
     # dL/dB[i][j] = Σₙ dy[n, π(i)]·x[n, π(j)] for y = B·x; for y = Bᵀ·x the roles of x and dy swap.
     a, b = (x, grad_y) if transpose else (grad_y, x)
-    grads, start = [], 0
-    for count, size in zip(counts, sizes):
+    grads = []
+    for start, count, size in _groups(counts, sizes):
         tiles = math.ceil(size / GRAD_TILE)
         # Split the rows so that the GPU has enough blocks; the partial sums are added in a fixed order.
         splits = max(1, min(math.ceil(1024 / (tiles * tiles * count)), math.ceil(rows / (8 * GRAD_CHUNK))))
@@ -343,7 +347,6 @@ def block_rotate_grad_blocks(
             x.device, f"block_rotate_grad_blocks<{_C_TYPES[x.dtype]}>", (tiles * tiles, count, splits), shared, args
         )
         grads.append(partial.sum(0))
-        start += count * size
     return grads
 
 
@@ -354,7 +357,7 @@ def _(x, grad_y, perm, counts, sizes, transpose):
 
 def _block_rotate_setup(ctx, inputs, output) -> None:
     x, perm, blocks, ctx.transpose, ctx.keep_uncovered = inputs
-    ctx.shapes = [(group.shape[0], group.shape[-1]) for group in blocks]
+    ctx.counts, ctx.sizes = _block_shapes(blocks)
     ctx.save_for_backward(x, perm, *blocks)
 
 
@@ -365,8 +368,7 @@ def _block_rotate_grad(ctx, grad_y: torch.Tensor):
     if ctx.needs_input_grad[0]:  # y = M·x row by row, so dx = Mᵀ·dy; uncovered coordinates map as in the forward
         grad_x = block_rotate(grad_y, perm, blocks, not ctx.transpose, ctx.keep_uncovered)
     if ctx.needs_input_grad[2]:
-        counts, sizes = zip(*ctx.shapes)
-        grad_blocks = block_rotate_grad_blocks(x, grad_y, perm, list(counts), list(sizes), ctx.transpose)
+        grad_blocks = block_rotate_grad_blocks(x, grad_y, perm, ctx.counts, ctx.sizes, ctx.transpose)
     return grad_x, None, grad_blocks, None, None
 
 
