@@ -4,6 +4,9 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# What examples/run_clm.py needs: datasets for data, tokenizers for its BPE, tensorboard for --report_to tensorboard.
+EXAMPLES = ["datasets>=3.0", "tokenizers>=0.21", "tensorboard>=2.14"]
+
 setup(
     name="poet-peft",
     version="0.1.0",
@@ -24,10 +27,10 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
-        "examples": ["tokenizers>=0.21"],
-        "bench": ["tokenizers>=0.21", "matplotlib>=3.7"],
+        "examples": EXAMPLES,
+        "bench": [*EXAMPLES, "matplotlib>=3.7"],
         # CuPy and NVRTC install without a GPU: the tests compile every kernel for sm_80 and sm_90 with them.
-        "test": ["pytest>=8", "tokenizers>=0.21", "cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
+        "test": ["pytest>=8", *EXAMPLES, "cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

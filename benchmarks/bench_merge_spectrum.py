@@ -32,7 +32,7 @@ from poet_peft.ops.orthogonal import packed_size, skew_from_packed
 from poet_peft.ops.spectral import singular_value_drift
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from pretrain_tiny import TRAINED_IN_FULL, PackedText, load_text, tiny_llama, train_tokenizer  # noqa: E402
+import run_clm  # noqa: E402
 
 
 def singular_values(model) -> list[torch.Tensor]:
@@ -55,7 +55,7 @@ def largest_skew_norm(model) -> float:
     return max(norms).item()
 
 
-def run(orthogonalize: bool, data: PackedText, held_out: torch.Tensor, vocab_size: int, args) -> dict:
+def run(orthogonalize: bool, data: torch.Tensor, held_out: torch.Tensor, clm_args, tokenizer, args) -> dict:
     """Train with merges and return the drift and loss-jump record."""
     torch.manual_seed(args.seed)
     config = poet_peft.POETConfig(
@@ -63,17 +63,17 @@ def run(orthogonalize: bool, data: PackedText, held_out: torch.Tensor, vocab_siz
         merge_every=args.merge_every,
         merge_orthogonalize=orthogonalize,
         init_weights="normalized_gaussian",
-        modules_to_save=TRAINED_IN_FULL,
+        modules_to_save=run_clm.TRAINED_IN_FULL,
         seed=args.seed,
     )
-    model = get_peft_model(tiny_llama(vocab_size, args.hidden_size, args.num_layers), config)
+    model = get_peft_model(run_clm.build_model(clm_args, tokenizer), config)
     optimizer = torch.optim.AdamW(poet_peft.param_groups(model, args.lr, args.poet_lr, 0.01), eps=1e-6)
     initial = singular_values(model)
     generator = torch.Generator().manual_seed(args.seed)
     drift, jumps, skew_norms = [], [], []
     label = "orthogonalised" if orthogonalize else "as trained"
     for step in tqdm(range(1, args.merges * args.merge_every + 1), desc=f"fold {label}", mininterval=2):
-        batch = data.blocks[torch.randint(len(data), (args.batch_size,), generator=generator)]
+        batch = data[torch.randint(len(data), (args.batch_size,), generator=generator)]
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -121,8 +121,7 @@ def main() -> None:
     parser.add_argument("--merges", type=int, default=500)
     parser.add_argument("--merge_every", type=int, default=5)
     parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--hidden_size", type=int, default=64)
-    parser.add_argument("--num_layers", type=int, default=2)
+    parser.add_argument("--model_size", choices=list(run_clm.MODEL_SIZES), default="nano", help="as in run_clm.py")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
@@ -132,19 +131,23 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="draw drift and loss jumps per merge to this PNG")
     args = parser.parse_args()
 
-    text = load_text(max_chars=2_000_000)
-    tokenizer = train_tokenizer(text, 1024)
-    data = PackedText(tokenizer.encode(text[:1_900_000]).ids, args.block_size)
-    held_out = PackedText(tokenizer.encode(text[1_900_000:]).ids, args.block_size).blocks[:16]
+    # The bundled Wikipedia summaries and the BPE tokenizer of examples/run_clm.py.
+    clm_args = run_clm.parse_args(
+        ["--model_size", args.model_size, "--vocab_size", "1024", "--block_size", str(args.block_size)]
+    )
+    train, validation = run_clm.load_raw_splits(clm_args)
+    tokenizer = run_clm.load_tokenizer(clm_args, train)
+    data = torch.tensor(run_clm.tokenize_and_pack(train, tokenizer, clm_args, "the training split")["input_ids"])
+    held_out = torch.tensor(run_clm.tokenize_and_pack(validation, tokenizer, clm_args, "held-out text")["input_ids"])
 
     started = time.time()
-    results = {mode: run(mode, data, held_out, tokenizer.get_vocab_size(), args) for mode in (False, True)}
+    results = {mode: run(mode, data, held_out[:16], clm_args, tokenizer, args) for mode in (False, True)}
     checkpoints = sorted({1, 10, 50, 100, 200, 300, 400, 500, args.merges} & set(range(1, args.merges + 1)))
     lines = [
         f"Merge spectrum benchmark, {date.today()}, {platform.processor() or platform.machine()} CPU, "
         f"torch {torch.__version__}, {time.time() - started:.0f} s",
         f"`python benchmarks/bench_merge_spectrum.py --merges {args.merges} --merge_every {args.merge_every} "
-        f"--block {args.block} --poet_lr {args.poet_lr}` (tiny LLaMA {args.hidden_size}×{args.num_layers}, fp32)",
+        f"--block {args.block} --poet_lr {args.poet_lr}` (run_clm.py's {args.model_size} LLaMA, fp32)",
         "",
         "Largest change of any singular value of any POET weight against W0's: relative to σ_max / to each σᵢ ≥ "
         "1% of σ_max / to every σᵢ.",

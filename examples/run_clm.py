@@ -1,0 +1,742 @@
+#!/usr/bin/env python
+"""Pretrain a LLaMA-style causal language model from scratch with AdamW or POET, under Accelerate.
+
+In the spirit of Transformers' run_clm_no_trainer.py. With no data flags it trains on the bundled Wikipedia
+summaries, offline; `--dataset_name allenai/c4 --dataset_config_name en --streaming` is the paper's setting.
+
+    accelerate launch examples/run_clm.py                                  # tiny POET run on the bundled text
+    accelerate launch examples/run_clm.py --method adamw --model_size 60m --tokenizer_name t5-base \\
+        --dataset_name allenai/c4 --dataset_config_name en --streaming --max_train_steps 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import chain
+from pathlib import Path
+from typing import Callable, Optional
+
+import datasets
+import torch
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from peft import PeftModel, get_peft_model
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    default_data_collator,
+    get_scheduler,
+)
+
+import poet_peft
+
+logger = get_logger(__name__)
+
+BUNDLED_DATA = Path(__file__).resolve().parent / "data" / "wikipedia_summaries_en.jsonl.gz"
+END_OF_TEXT = "<|endoftext|>"
+# The byte-level BPE is trained on at most this much of the training split (enough for an 8k-32k vocabulary).
+TOKENIZER_TRAINING_CHARS = 50_000_000
+
+# hidden / FFN / heads / layers, and the base learning rate. The paper's sizes (ANCHORS: arXiv 2506.08001, Table 2
+# and appendix) plus tiny ones that train in minutes on two CPU cores.
+MODEL_SIZES = {
+    "nano": dict(hidden_size=64, intermediate_size=176, num_attention_heads=2, num_hidden_layers=2, lr=1e-2),
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=4, lr=1e-2),
+    "small": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_hidden_layers=6, lr=1e-2),
+    "60m": dict(hidden_size=512, intermediate_size=1280, num_attention_heads=8, num_hidden_layers=8, lr=1e-2),
+    "130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12, lr=5e-3),
+    "350m": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_hidden_layers=24, lr=5e-3),
+    "1b": dict(hidden_size=2048, intermediate_size=5376, num_attention_heads=32, num_hidden_layers=24, lr=1e-3),
+}
+# Outside the transformer-block linears everything trains in full with AdamW at the base lr, as in the paper.
+TRAINED_IN_FULL = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"]
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+def parse_block(text: str) -> float:
+    """A POET block: an integer b for bs, a fraction such as 0.5 or 1/2 for fs."""
+    try:
+        value = Fraction(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--block {text!r}: use an integer b ≥ 2 (bs) or a fraction in (0, 1] (fs)")
+    return int(value) if value.denominator == 1 else float(value)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line flags; every one is listed in the README."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", help="a Hub dataset (or a local dataset folder), e.g. allenai/c4")
+    data.add_argument("--dataset_config_name", help="its configuration, e.g. en")
+    data.add_argument("--streaming", action="store_true", help="stream the Hub dataset instead of downloading it")
+    data.add_argument("--train_file", help="a .txt (one document per line), .json or .jsonl file, optionally .gz")
+    data.add_argument("--validation_file", help="same formats; default: a split of the training data")
+    data.add_argument("--text_column", default="text", help="the column holding the text (json/jsonl/Hub)")
+    data.add_argument("--validation_split_percentage", type=float, default=5.0)
+    data.add_argument("--max_eval_samples", type=int, help="evaluate on at most this many sequences")
+    data.add_argument("--block_size", type=int, default=256, help="tokens per packed training sequence")
+    data.add_argument("--tokenizer_name", help="a Hub or local tokenizer; default: a byte-level BPE trained here")
+    data.add_argument("--vocab_size", type=int, default=8192, help="size of the trained byte-level BPE")
+    data.add_argument("--tokenizer_cache_dir", help="where trained tokenizers are kept (default ~/.cache/poet-peft)")
+    data.add_argument("--preprocessing_num_workers", type=int, help="processes for tokenization")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_size", choices=sorted(MODEL_SIZES, key=list(MODEL_SIZES).index), default="tiny")
+    model.add_argument("--config_name", help="a model config (Hub or local) to use instead of --model_size")
+    model.add_argument("--config_overrides", help='comma-separated config fields, e.g. "num_hidden_layers=2"')
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", choices=sorted(METHODS), default="poet")
+    method.add_argument(
+        "--block",
+        type=parse_block,
+        help="POET block: b for bs (default min(256, hidden/2)), a fraction for fs (default 1/2)",
+    )
+    method.add_argument("--mode", choices=["bs", "fs"], default="bs", help="POET's stochastic primitive")
+    method.add_argument("--neumann_terms", type=int, default=3, help="Cayley–Neumann terms k")
+    method.add_argument("--merge_every", type=int, default=200, help="POET merge-then-reinitialize period T_m")
+    method.add_argument("--poet_lr", type=float, help="lr of POET's Q (default: the paper's 1e-3·256/b, 1e-3·(1/2)/f)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--per_device_train_batch_size", type=int, default=8)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, help="base lr (default: the paper's for the size)")
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clip (POET ramps it after merges)")
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_train_epochs")
+    train.add_argument("--num_warmup_steps", type=int, default=0)
+    train.add_argument("--min_lr_ratio", type=float, default=0.01, help="the cosine schedule ends at lr × this")
+    train.add_argument("--seed", type=int, default=0)
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="out/run_clm")
+    output.add_argument("--overwrite_output_dir", action="store_true", help="start over in a used --output_dir")
+    output.add_argument("--logging_steps", type=int, default=10)
+    output.add_argument("--eval_steps", type=int, default=200, help="validate every N steps (and at the end)")
+    output.add_argument("--checkpointing_steps", type=int, help="save a resumable checkpoint every N steps")
+    output.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
+    output.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" in --output_dir')
+    output.add_argument(
+        "--report_to",
+        choices=["none", "tensorboard", "wandb", "trackio", "all"],
+        default="none",
+        help="Accelerate trackers; metrics.jsonl is always written",
+    )
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot work, naming the flags and what would."""
+    if args.dataset_name and args.train_file:
+        parser.error("pass either --dataset_name or --train_file, not both")
+    if args.validation_file and not args.train_file:
+        parser.error("--validation_file needs --train_file")
+    if args.streaming and not args.dataset_name:
+        parser.error("--streaming applies to --dataset_name only")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("a streamed dataset has no length: pass --max_train_steps")
+    for name in (
+        "block_size",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "eval_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "max_train_steps",
+        "merge_every",
+    ):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} {value}: use an integer ≥ 1")
+    if not 0 < args.validation_split_percentage < 100:
+        parser.error(f"--validation_split_percentage {args.validation_split_percentage}: use a value in (0, 100)")
+    if args.block is not None and (args.mode == "fs") != isinstance(args.block, float):
+        parser.error(
+            f"--block {args.block} does not fit --mode {args.mode}: bs takes an integer b ≥ 2, fs a fraction in (0, 1]"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def data_files_builder(path: str) -> str:
+    """The `datasets` builder for a local file: text for .txt, json for .json/.jsonl (also gzipped)."""
+    suffixes = [suffix for suffix in Path(path).suffixes if suffix not in (".gz", ".bz2", ".xz", ".zst")]
+    extension = suffixes[-1] if suffixes else ""
+    builders = {".txt": "text", ".json": "json", ".jsonl": "json"}
+    if extension not in builders:
+        raise ValueError(f"{path}: unsupported file type {extension!r}; use .txt, .json or .jsonl (optionally .gz)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return builders[extension]
+
+
+def load_raw_splits(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training and validation documents, from the Hub, local files, or the bundled default."""
+    if args.dataset_name:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
+    else:
+        train_file = args.train_file or str(BUNDLED_DATA)
+        files = {"train": train_file}
+        if args.validation_file:
+            files["validation"] = args.validation_file
+        builders = {data_files_builder(path) for path in files.values()}
+        if len(builders) > 1:
+            raise ValueError("--train_file and --validation_file must have the same format (.txt, or .json/.jsonl)")
+        raw = datasets.load_dataset(builders.pop(), data_files=files)
+    train = raw["train"]
+    if "validation" in raw:
+        validation = raw["validation"]
+    elif args.streaming:
+        # A stream has no length: hold out its first documents, as many as the percentage of 10,000.
+        held_out = max(1, round(100 * args.validation_split_percentage))
+        train, validation = train.skip(held_out), train.take(held_out)
+    else:
+        # A fixed split seed, not --seed: runs with different seeds are validated on the same documents.
+        split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=0)
+        train, validation = split["train"], split["test"]
+    if args.text_column not in (train.column_names or [args.text_column]):
+        raise ValueError(f"--text_column {args.text_column!r} is not in the data; its columns: {train.column_names}")
+    return train, validation
+
+
+def data_identity(args: argparse.Namespace) -> str:
+    """What the training split depends on: the dataset name or the file contents, and the split settings."""
+    if args.dataset_name:
+        source = f"hub:{args.dataset_name}:{args.dataset_config_name}:{args.streaming}"
+    else:
+        source = "file:" + hashlib.sha256(Path(args.train_file or BUNDLED_DATA).read_bytes()).hexdigest()
+    held_out = "file" if args.validation_file else args.validation_split_percentage
+    return f"{source}|{args.text_column}|{held_out}"
+
+
+def train_bpe_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with `<|endoftext|>` as its only special token, trained on an iterable of texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT)
+
+
+def limited_texts(split, column: str, max_chars: int):
+    """The texts of a split, stopping once `max_chars` characters have been given."""
+    given = 0
+    for row in split:
+        if given >= max_chars:
+            return
+        given += len(row[column])
+        yield row[column]
+
+
+def load_tokenizer(args: argparse.Namespace, train: datasets.Dataset):
+    """`--tokenizer_name`, or a byte-level BPE trained once on the training split and cached on disk."""
+    if args.tokenizer_name:
+        return AutoTokenizer.from_pretrained(args.tokenizer_name)
+    cache_root = Path(args.tokenizer_cache_dir or Path.home() / ".cache" / "poet-peft" / "tokenizers")
+    key = hashlib.sha256(f"{data_identity(args)}|{args.vocab_size}|bpe-v1".encode()).hexdigest()[:16]
+    cached = cache_root / f"bpe-{args.vocab_size}-{key}"
+    with PartialState().main_process_first():
+        if not (cached / "tokenizer.json").is_file():
+            logger.info(f"Training a byte-level BPE tokenizer ({args.vocab_size} tokens); caching it in {cached}")
+            tokenizer = train_bpe_tokenizer(
+                limited_texts(train, args.text_column, TOKENIZER_TRAINING_CHARS), args.vocab_size
+            )
+            partial = cached.with_name(f"{cached.name}.partial-{os.getpid()}")
+            tokenizer.save_pretrained(partial)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            if not (cached / "tokenizer.json").is_file():
+                os.replace(partial, cached)
+            shutil.rmtree(partial, ignore_errors=True)
+        # transformers 5 builds empty tokenizers from loose vocabulary files: load the saved folder instead.
+        return AutoTokenizer.from_pretrained(cached)
+
+
+def tokenize_and_pack(split, tokenizer, args: argparse.Namespace, name: str):
+    """Token ids of every document, each followed by the end-of-text token, packed into `block_size` sequences."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    column, block_size = args.text_column, args.block_size  # the closures capture only these (datasets' cache key)
+
+    def tokenize(batch):
+        ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [document + separator for document in ids]}
+
+    def pack(batch):
+        ids = list(chain.from_iterable(batch["input_ids"]))
+        total = len(ids) // block_size * block_size
+        blocks = [ids[start : start + block_size] for start in range(0, total, block_size)]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    streamed = isinstance(split, datasets.IterableDataset)
+
+    def options(description: str) -> dict:
+        return {} if streamed else {"num_proc": args.preprocessing_num_workers, "desc": description}
+
+    with PartialState().main_process_first():
+        tokenized = split.map(
+            tokenize, batched=True, remove_columns=split.column_names, **options(f"Tokenizing {name}")
+        )
+        return tokenized.map(pack, batched=True, **options(f"Packing {name} into {block_size}-token sequences"))
+
+
+# --------------------------------------------------------------------------------------------------------- model
+def build_model(args: argparse.Namespace, tokenizer) -> torch.nn.Module:
+    """A LLaMA-style model from --model_size (or --config_name) and --config_overrides, freshly initialised."""
+    if args.config_name:
+        config = AutoConfig.from_pretrained(args.config_name)
+    else:
+        shape = {key: value for key, value in MODEL_SIZES[args.model_size].items() if key != "lr"}
+        config = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], tie_word_embeddings=False)
+    config.vocab_size = len(tokenizer)
+    config.max_position_embeddings = max(args.block_size, getattr(config, "max_position_embeddings", 0) or 0)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    if args.config_overrides:
+        config.update_from_string(args.config_overrides)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def base_learning_rate(args: argparse.Namespace) -> float:
+    """--learning_rate, or the paper's base lr for the model size."""
+    if args.learning_rate is not None:
+        return args.learning_rate
+    return MODEL_SIZES[args.model_size]["lr"] if not args.config_name else 1e-3
+
+
+class NoStepHooks:
+    """Per-step hooks for methods that need none: the clip norm as given, nothing after the step."""
+
+    def clip_norm(self, max_norm: float, step: int) -> float:
+        """The clip norm for the next optimizer step."""
+        return max_norm
+
+    def after_step(self, step: int) -> bool:
+        """Nothing to do after an optimizer step."""
+        return False
+
+
+@dataclass
+class Method:
+    """A training method: how it wraps the model, its optimizer groups, and its per-step hooks."""
+
+    wrap: Callable[[torch.nn.Module, argparse.Namespace], torch.nn.Module]
+    param_groups: Callable[[torch.nn.Module, argparse.Namespace], list[dict]]
+    step_hooks: Callable[[torch.nn.Module, torch.optim.Optimizer], object]
+
+
+def adamw_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """Matrices decayed, vectors (norms, biases) not, all at the base lr."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    groups = [
+        {"params": [param for param in params if param.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [param for param in params if param.ndim < 2], "weight_decay": 0.0},
+    ]
+    return [dict(group, lr=base_learning_rate(args)) for group in groups if group["params"]]
+
+
+def poet_block(args: argparse.Namespace, model: torch.nn.Module) -> float:
+    """--block, or the default: min(256, hidden/2) for bs, 1/2 for fs."""
+    if args.block is not None:
+        return args.block
+    return 0.5 if args.mode == "fs" else min(256, model.config.hidden_size // 2)
+
+
+def poet_learning_rate(args: argparse.Namespace, block: float) -> float:
+    """--poet_lr, or the paper's: 1e-3 at b=256 (or f=1/2), doubling each time the block halves."""
+    if args.poet_lr is not None:
+        return args.poet_lr
+    return 1e-3 * (256 / block if args.mode == "bs" else 0.5 / block)
+
+
+def wrap_poet(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """POET as in the paper: normalized-Gaussian W0, every transformer-block linear wrapped, the rest trained."""
+    args.block = poet_block(args, model)
+    config = poet_peft.POETConfig(
+        block=args.block,
+        mode=args.mode,
+        neumann_terms=args.neumann_terms,
+        merge_every=args.merge_every,
+        init_weights="normalized_gaussian",
+        modules_to_save=TRAINED_IN_FULL,
+        seed=args.seed,
+    )
+    return get_peft_model(model, config)
+
+
+def poet_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """Q at the POET lr without decay; embeddings, norms and lm_head at the base lr."""
+    return poet_peft.param_groups(
+        model, base_learning_rate(args), poet_learning_rate(args, args.block), args.weight_decay
+    )
+
+
+METHODS = {
+    "adamw": Method(
+        wrap=lambda model, args: model,
+        param_groups=adamw_param_groups,
+        step_hooks=lambda model, optimizer: NoStepHooks(),
+    ),
+    "poet": Method(wrap=wrap_poet, param_groups=poet_param_groups, step_hooks=poet_peft.MergeSchedule),
+}
+
+
+def parameter_summary(model: torch.nn.Module) -> str:
+    """Trainable and total parameters; a module kept in two copies (PEFT's modules_to_save) counts once."""
+    trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
+    total = sum(param.numel() for name, param in model.named_parameters() if ".original_module." not in name)
+    poet = sum(param.numel() for param in poet_peft.poet_parameters(model))
+    detail = f" (POET Q: {poet:,})" if poet else ""
+    return f"trainable parameters: {trainable:,}{detail} of {total:,} ({100 * trainable / total:.2f}%)"
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+TRAINING_STATE = "training_state.json"
+
+
+def completed_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in output_dir/checkpoints, oldest first (unfinished `.partial` ones excluded)."""
+    folder = output_dir / "checkpoints"
+    found = [path for path in folder.glob("step_*") if CHECKPOINT_PATTERN.match(path.name)] if folder.is_dir() else []
+    found = [path for path in found if (path / TRAINING_STATE).is_file()]
+    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, position: dict, keep: Optional[int]) -> Path:
+    """Save model (with POET's Q, permutations and merge counts), optimizer, scheduler, RNG and data position.
+
+    Written to `step_N.partial` and renamed once complete, so a crash mid-save never leaves a broken checkpoint.
+    """
+    final = output_dir / "checkpoints" / f"step_{position['completed_steps']}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / TRAINING_STATE).write_text(json.dumps(position, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if keep:
+            for old in completed_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
+    """The checkpoint folder named by --resume_from_checkpoint: a path, or "latest" in output_dir."""
+    if spec == "latest":
+        found = completed_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints"
+            )
+        return found[-1]
+    path = Path(spec)
+    if not (path / TRAINING_STATE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINING_STATE})")
+    return path
+
+
+def save_merged_model(model: torch.nn.Module, state_dict: dict, tokenizer, destination: Path) -> None:
+    """Fold any adapter into the weights and save a plain Transformers model (safetensors) and its tokenizer.
+
+    `state_dict` is the full one Accelerate gathers (under FSDP no rank holds it otherwise); PEFT models are saved
+    from their merged modules instead.
+    """
+    partial = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if isinstance(model, PeftModel):
+        model.merge_and_unload().save_pretrained(partial)
+    else:
+        model.save_pretrained(partial, state_dict=state_dict)
+    tokenizer.save_pretrained(partial)
+    previous = destination.with_name(destination.name + ".previous")
+    if destination.exists():
+        os.replace(destination, previous)
+    os.replace(partial, destination)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------- logging
+class MetricsLog:
+    """metrics.jsonl in the output folder (main process only), plus the Accelerate trackers when configured."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, resume_step: Optional[int], use_trackers: bool):
+        self.accelerator = accelerator
+        self.path = path
+        self.use_trackers = use_trackers
+        if accelerator.is_main_process:
+            kept = []
+            if resume_step is not None and path.is_file():
+                # Drop what the interrupted run logged after its last checkpoint: the resumed run logs it again.
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, path)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Record metrics at an optimizer step, everywhere they go."""
+        if self.use_trackers:
+            self.accelerator.log(metrics, step=step)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def check_tracker(report_to: str) -> None:
+    """Fail early, naming the package to install, when the requested tracker is missing ("all" takes what is)."""
+    module = TRACKER_MODULES.get(report_to)
+    if module and importlib.util.find_spec(module) is None:
+        raise ImportError(f"--report_to {report_to} needs the {module} package: pip install {module}")
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
+    """Validation loss (mean per token over sequences of equal length) and perplexity."""
+    model.eval()
+    losses = []
+    for batch in dataloader:
+        loss = model(**batch).loss
+        losses.append(accelerator.gather_for_metrics(loss.repeat(batch["input_ids"].shape[0])))
+    model.train()
+    eval_loss = torch.cat(losses).float().mean().item()
+    return {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 700))}
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def prepare_output_dir(args: argparse.Namespace) -> Path:
+    """The output folder; refuses to start a new run over an old one unless told to, since that loses its files."""
+    output_dir = Path(args.output_dir)
+    previous = [output_dir / name for name in ("metrics.jsonl", "checkpoints", "model")]
+    if any(path.exists() for path in previous) and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            raise FileExistsError(
+                f"{output_dir} holds a previous run. Pass --resume_from_checkpoint latest to continue it, "
+                "--overwrite_output_dir to delete it and start over, or another --output_dir."
+            )
+        state = PartialState()
+        if state.is_main_process:
+            for path in previous:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        state.wait_for_everyone()
+    return output_dir
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Build data, tokenizer and model, train with the chosen method, validate, and return the run's objects."""
+    check_tracker(args.report_to)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    # This script's messages at INFO; the libraries' (Accelerate logs every file it saves) only from WARNING.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger(__name__).setLevel(logging.INFO)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+    prepare_output_dir(args)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+
+    raw_train, raw_validation = load_raw_splits(args)
+    tokenizer = load_tokenizer(args, raw_train)
+    train_data = tokenize_and_pack(raw_train, tokenizer, args, "the training split")
+    eval_data = tokenize_and_pack(raw_validation, tokenizer, args, "the validation split")
+    if args.streaming:
+        train_data = train_data.with_format("torch")
+        eval_data = eval_data.take(args.max_eval_samples or 1000).with_format("torch")
+    elif args.max_eval_samples:
+        eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
+    train_loader = torch.utils.data.DataLoader(
+        train_data,
+        shuffle=not args.streaming,
+        collate_fn=default_data_collator,
+        batch_size=args.per_device_train_batch_size,
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        eval_data, collate_fn=default_data_collator, batch_size=args.per_device_eval_batch_size
+    )
+
+    if args.method == "poet" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "--method poet does not run under FSDP yet: its merges rewrite whole weights, which FSDP shards. "
+            "Use DDP (examples/configs/multi_gpu.yaml), or FSDP with --method adamw."
+        )
+    method = METHODS[args.method]
+    model = method.wrap(build_model(args, tokenizer), args)
+    accelerator.print(parameter_summary(model))
+    optimizer = torch.optim.AdamW(method.param_groups(model, args), betas=(0.9, 0.999), eps=1e-6)
+
+    batches_per_epoch = None if args.streaming else math.ceil(len(train_loader) / accelerator.num_processes)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(
+        batches_per_epoch / args.gradient_accumulation_steps
+    )
+    # Accelerate steps a prepared scheduler once per process for every optimizer step.
+    lr_scheduler = get_scheduler(
+        "cosine_with_min_lr",
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+        scheduler_specific_kwargs={"min_lr_rate": args.min_lr_ratio},
+    )
+    model, optimizer, train_loader, eval_loader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, lr_scheduler
+    )
+    hooks = method.step_hooks(model, optimizer)
+
+    position = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0}
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        position = json.loads((checkpoint / TRAINING_STATE).read_text())
+    resume_step = position["completed_steps"] if args.resume_from_checkpoint else None
+    metrics_log = MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step, args.report_to != "none")
+    if args.report_to != "none":
+        config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers("run_clm", config=config)
+
+    tokens_per_step = (
+        args.per_device_train_batch_size
+        * args.block_size
+        * args.gradient_accumulation_steps
+        * accelerator.num_processes
+    )
+    accelerator.print(
+        f"Training {max_train_steps} steps of {tokens_per_step:,} tokens ({args.method}); "
+        f"metrics in {output_dir / 'metrics.jsonl'}"
+    )
+    progress = tqdm(
+        total=max_train_steps,
+        initial=position["completed_steps"],
+        disable=not accelerator.is_local_main_process,
+        desc=f"{args.method} training",
+        dynamic_ncols=True,
+    )
+    model.train()
+    window = {"loss": torch.zeros((), device=accelerator.device), "steps": 0, "seconds": 0.0}
+    train_seconds, session_tokens, last_eval = 0.0, 0, None
+    while position["completed_steps"] < max_train_steps:
+        train_loader.set_epoch(position["epoch"])
+        batches = accelerator.skip_first_batches(train_loader, position["batches_in_epoch"])
+        step_start = time.perf_counter()
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                window["loss"] += loss.detach() / args.gradient_accumulation_steps
+                if accelerator.sync_gradients:
+                    clip = hooks.clip_norm(args.max_grad_norm, position["completed_steps"])
+                    accelerator.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            position["batches_in_epoch"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            position["completed_steps"] += 1
+            position["tokens"] += tokens_per_step
+            step = position["completed_steps"]
+            hooks.after_step(step)
+            seconds = time.perf_counter() - step_start
+            window["steps"] += 1
+            window["seconds"] += seconds
+            train_seconds += seconds
+            session_tokens += tokens_per_step
+            progress.update(1)
+
+            if step % args.logging_steps == 0 or step == max_train_steps:
+                train_loss = accelerator.reduce(window["loss"], reduction="mean").item() / window["steps"]
+                record = {
+                    "train/loss": train_loss,
+                    "train/lr": lr_scheduler.get_last_lr()[0],
+                    "train/tokens": position["tokens"],
+                    "train/tokens_per_second": window["steps"] * tokens_per_step / window["seconds"],
+                }
+                metrics_log.log(record, step)
+                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['train/tokens_per_second']:,.0f}")
+                window = {"loss": window["loss"].zero_(), "steps": 0, "seconds": 0.0}
+            if step % args.eval_steps == 0 or step == max_train_steps:
+                last_eval = evaluate(model, eval_loader, accelerator)
+                metrics_log.log(last_eval, step)
+                if accelerator.is_local_main_process:
+                    progress.write(
+                        f"step {step}: validation loss {last_eval['eval/loss']:.4f}, "
+                        f"perplexity {last_eval['eval/perplexity']:.2f}"
+                    )
+            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == max_train_steps):
+                save_checkpoint(accelerator, output_dir, position, args.checkpoints_total_limit)
+            if step >= max_train_steps:
+                break
+            step_start = time.perf_counter()
+        else:
+            position["epoch"] += 1
+            position["batches_in_epoch"] = 0
+    progress.close()
+    summary = {**(last_eval or {}), "steps": position["completed_steps"], "tokens": position["tokens"]}
+    if train_seconds:
+        summary["train/tokens_per_second"] = session_tokens / train_seconds
+    return {
+        "accelerator": accelerator,
+        "model": model,
+        "tokenizer": tokenizer,
+        "summary": summary,
+        "output_dir": output_dir,
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Train, then save the merged model to <output_dir>/model; returns the final metrics."""
+    run = train(parse_args(argv))
+    accelerator, output_dir = run["accelerator"], run["output_dir"]
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(run["model"])  # a collective under FSDP: every rank takes part
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(run["model"])
+        save_merged_model(model, state_dict, run["tokenizer"], output_dir / "model")
+        print(json.dumps(run["summary"], indent=2))
+        print(f"Merged model and tokenizer saved to {output_dir / 'model'}")
+    accelerator.end_training()
+    return run["summary"]
+
+
+if __name__ == "__main__":
+    main()

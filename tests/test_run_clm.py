@@ -1,0 +1,363 @@
+"""examples/run_clm.py: real runs of the script (fresh processes, real Accelerate), on the bundled text, offline."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_fresh_python
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "run_clm.py"
+CPU_DDP_CONFIG = ROOT / "examples" / "configs" / "cpu_ddp.yaml"
+sys.path.insert(0, str(ROOT / "examples"))
+import run_clm  # noqa: E402
+
+VOCAB = 512
+NANO = ["--model_size", "nano", "--vocab_size", str(VOCAB), "--block_size", "128"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> dict:
+    """Offline environment with private datasets and tokenizer caches, shared by this module's runs."""
+    root = tmp_path_factory.mktemp("caches")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "hf"))
+    env.update(TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    return {"env": env, "tokenizers": str(root / "tokenizers")}
+
+
+def command(cache: dict, output_dir: Path, *flags: str) -> list[str]:
+    """The flags every run shares: its output folder and the module's tokenizer cache."""
+    return ["--output_dir", str(output_dir), "--tokenizer_cache_dir", cache["tokenizers"], *flags]
+
+
+def run_script(
+    cache: dict, output_dir: Path, *flags: str, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run run_clm.py (or `launcher` + its flags) in a fresh process; fail with its stderr if it fails."""
+    argv = launcher or [sys.executable, str(SCRIPT)]
+    result = subprocess.run(
+        [*argv, *command(cache, output_dir, *flags)], capture_output=True, text=True, env=cache["env"], cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(records: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) for every record holding `key`."""
+    return [(record["step"], record[key]) for record in records if key in record]
+
+
+@pytest.fixture(scope="module")
+def poet_run(cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 60-step POET run of the nano model on the bundled text, with 3 merges, TensorBoard and a checkpoint."""
+    output_dir = tmp_path_factory.mktemp("poet")
+    flags = [*NANO, "--max_train_steps", "60", "--merge_every", "20", "--logging_steps", "5", "--eval_steps", "30"]
+    result = run_script(cache, output_dir, *flags, "--checkpointing_steps", "60", "--report_to", "tensorboard")
+    return output_dir, result
+
+
+def assert_learns(records: list[dict]) -> None:
+    """The training loss falls well below its start, and validation improves from one evaluation to the next."""
+    train = [value for _, value in series(records, "train/loss")]
+    evaluations = [value for _, value in series(records, "eval/loss")]
+    assert abs(train[0] - math.log(VOCAB)) < 0.6  # starts near a model that knows nothing
+    assert train[-1] < train[0] - 0.5
+    assert len(evaluations) == 2 and evaluations[1] < evaluations[0] < math.log(VOCAB) - 0.5
+    perplexities = [value for _, value in series(records, "eval/perplexity")]
+    assert perplexities == pytest.approx([math.exp(value) for value in evaluations])
+
+
+def test_poet_pretraining_learns_the_bundled_text_and_reports_it(poet_run):
+    output_dir, result = poet_run
+    records = metrics(output_dir)
+    assert_learns(records)
+    # nano: hidden 64, FFN 176, 2 layers, block 32 (hidden/2) → Q = 2 layers × 18,712; plus embeddings, lm_head, norms.
+    assert "trainable parameters: 103,280 (POET Q: 37,424) of 203,632" in result.stdout
+    tokens = series(records, "train/tokens")
+    assert tokens[-1] == (60, 60 * 8 * 128)
+    assert all(value > 0 for _, value in series(records, "train/tokens_per_second"))
+    lr = series(records, "train/lr")
+    # The first group's lr: Q at the paper's POET lr for b=32, 1e-3·256/32, decayed by the cosine to 1% of it.
+    assert lr[-1][1] == pytest.approx(8e-3 * 0.01, rel=1e-6)
+    final = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    assert final["eval/perplexity"] == pytest.approx(series(records, "eval/perplexity")[-1][1])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((output_dir / "runs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = events.Scalars("train/loss")
+    steps, losses = zip(*series(records, "train/loss"))
+    assert [event.step for event in logged] == list(steps)
+    assert [event.value for event in logged] == pytest.approx(losses)
+
+
+def test_adamw_pretraining_learns_and_reuses_the_cached_tokenizer(cache, poet_run, tmp_path):
+    result = run_script(
+        cache,
+        tmp_path,
+        *NANO,
+        "--method",
+        "adamw",
+        "--max_train_steps",
+        "60",
+        "--logging_steps",
+        "5",
+        "--eval_steps",
+        "30",
+    )
+    assert_learns(metrics(tmp_path))
+    assert "POET" not in result.stdout and "trainable parameters: 166,208 of 166,208" in result.stdout
+    assert "Training a byte-level BPE" in poet_run[1].stderr and "Training a byte-level BPE" not in result.stderr
+    assert not list((tmp_path / "model").glob("adapter*"))
+
+
+def test_merged_model_loads_in_plain_transformers_with_the_peft_models_logits(poet_run):
+    output_dir, _ = poet_run
+    checkpoint = output_dir / "checkpoints" / "step_60"
+    assert json.loads((checkpoint / "training_state.json").read_text())["completed_steps"] == 60
+
+    # The POET model as it stood at the end, rebuilt from the final checkpoint.
+    args = run_clm.parse_args([*NANO, "--merge_every", "20"])
+    tokenizer = AutoTokenizer.from_pretrained(output_dir / "model")
+    model = run_clm.METHODS["poet"].wrap(run_clm.build_model(args, tokenizer), args)
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=True)
+    merges = {int(layer.poet_merge_count["default"]) for layer in run_clm.poet_peft.poet_layers(model)}
+    assert merges == {3}
+    tokens = tokenizer("The history of the Roman Empire", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.eval()(input_ids=tokens).logits
+
+    plain = run_fresh_python(
+        f"""
+        import json, sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(output_dir / "model")!r}).eval()
+        assert not any(name.startswith(("poet_peft", "peft")) for name in sys.modules)
+        with torch.no_grad():
+            print(json.dumps(model(input_ids=torch.tensor({tokens.tolist()})).logits.tolist()))
+        """
+    )
+    torch.testing.assert_close(torch.tensor(json.loads(plain)), expected, atol=1e-5, rtol=1e-5)
+    assert (output_dir / "model" / "model.safetensors").is_file()
+
+
+def small_corpus(path: Path, documents: int, skip: int = 0) -> Path:
+    """The first documents of the bundled Wikipedia summaries as a .jsonl file."""
+    with gzip.open(run_clm.BUNDLED_DATA, "rt", encoding="utf-8") as handle:
+        lines = handle.readlines()[skip : skip + documents]
+    path.write_text("".join(lines))
+    return path
+
+
+def test_killed_run_resumes_exactly_on_the_uninterrupted_loss_curve(cache, tmp_path):
+    # 60 documents make ~19 optimizer steps per epoch, so the run crosses epochs; accumulation splits steps.
+    corpus = small_corpus(tmp_path / "corpus.jsonl", 60)
+    flags = [
+        *NANO,
+        "--block_size",
+        "64",
+        "--train_file",
+        str(corpus),
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_train_steps",
+        "30",
+        "--merge_every",
+        "7",
+        "--checkpointing_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "10",
+    ]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run_script(cache, uninterrupted, *flags)
+
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *command(cache, interrupted, *flags)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cache["env"],
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 300
+    while not (interrupted / "checkpoints" / "step_8" / "training_state.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its step-8 checkpoint"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (interrupted / "model").exists()
+    # A crash in the middle of saving leaves a .partial folder behind; resuming must not take it for a checkpoint.
+    (interrupted / "checkpoints" / "step_28.partial").mkdir()
+    resumed_from = run_clm.completed_checkpoints(interrupted)[-1]
+    assert 8 <= int(resumed_from.name.split("_")[1]) < 30
+
+    result = run_script(cache, interrupted, *flags, "--resume_from_checkpoint", "latest")
+    assert f"Resuming from {resumed_from}" in result.stdout
+    expected, resumed = metrics(uninterrupted), metrics(interrupted)
+    assert len(series(expected, "train/loss")) == 30
+    assert series(resumed, "train/loss") == series(expected, "train/loss")  # exactly, step by step
+    assert series(resumed, "eval/loss") == series(expected, "eval/loss")
+    final, reference = (
+        load_file(interrupted / "model" / "model.safetensors"),
+        load_file(uninterrupted / "model" / "model.safetensors"),
+    )
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[name], reference[name]) for name in reference)
+
+
+def test_two_process_accelerate_launch_keeps_ranks_identical_through_merges(cache, tmp_path):
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_DDP_CONFIG),
+        str(ROOT / "tests" / "run_clm_ranks.py"),
+    ]
+    run_script(
+        cache,
+        tmp_path,
+        *NANO,
+        "--max_train_steps",
+        "10",
+        "--merge_every",
+        "3",
+        "--logging_steps",
+        "5",
+        "--eval_steps",
+        "10",
+        launcher=launcher,
+    )
+    ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert [name for name in ranks[0] if not torch.equal(ranks[0][name], ranks[1][name])] == []
+    counts = [tensor for name, tensor in ranks[0].items() if "poet_merge_count" in name]
+    assert counts and all(int(count) == 3 for count in counts)
+    q = [tensor for name, tensor in ranks[0].items() if ".poet_R." in name or ".poet_P." in name]
+    assert q and all(tensor.abs().max() > 0 for tensor in q)  # trained for one step since the third merge
+    assert series(metrics(tmp_path), "train/tokens")[-1] == (10, 10 * 2 * 8 * 128)  # both processes' batches
+
+
+def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
+    with gzip.open(run_clm.BUNDLED_DATA, "rt", encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line in handle.readlines()[:240]]
+    (tmp_path / "train.txt").write_text("\n".join(texts[:200]))
+    (tmp_path / "valid.txt").write_text("\n".join(texts[200:]))
+    run_script(
+        cache,
+        tmp_path / "files",
+        *NANO,
+        "--method",
+        "adamw",
+        "--train_file",
+        str(tmp_path / "train.txt"),
+        "--validation_file",
+        str(tmp_path / "valid.txt"),
+        "--max_train_steps",
+        "3",
+    )
+    assert len(series(metrics(tmp_path / "files"), "eval/loss")) == 1
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    small_corpus(folder / "train.jsonl", 200)
+    small_corpus(folder / "validation.jsonl", 20, skip=200)
+    run_script(
+        cache,
+        tmp_path / "streamed",
+        *NANO,
+        "--dataset_name",
+        str(folder),
+        "--streaming",
+        "--max_train_steps",
+        "3",
+        "--max_eval_samples",
+        "4",
+    )
+    assert series(metrics(tmp_path / "streamed"), "train/tokens")[-1] == (3, 3 * 8 * 128)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--block", "0.5"], "--block 0.5 does not fit --mode bs"),
+        (["--mode", "fs", "--block", "64"], "--block 64 does not fit --mode fs"),
+        (["--block", "x"], "use an integer b ≥ 2 (bs) or a fraction in (0, 1] (fs)"),
+        (["--streaming"], "--streaming applies to --dataset_name only"),
+        (["--dataset_name", "allenai/c4", "--streaming"], "pass --max_train_steps"),
+        (["--dataset_name", "x", "--train_file", "y.txt"], "either --dataset_name or --train_file"),
+        (["--method", "sgd"], "invalid choice: 'sgd' (choose from 'adamw', 'poet')"),
+        (
+            ["--model_size", "7b"],
+            "invalid choice: '7b' (choose from 'nano', 'tiny', 'small', '60m', '130m', '350m', '1b')",
+        ),
+        (["--report_to", "comet"], "choose from 'none', 'tensorboard', 'wandb', 'trackio', 'all'"),
+        (["--max_train_steps", "0"], "--max_train_steps 0: use an integer ≥ 1"),
+    ],
+)
+def test_bad_flags_are_rejected_with_the_valid_choices(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        run_clm.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_and_output_folders_fail_before_losing_anything(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"unsupported file type '\.csv'; use \.txt, \.json or \.jsonl"):
+        run_clm.load_raw_splits(run_clm.parse_args(["--train_file", "data.csv"]))
+    corpus = small_corpus(tmp_path / "corpus.jsonl", 20)
+    with pytest.raises(ValueError, match=r"--text_column 'body' is not in the data; its columns: \['title', 'text'\]"):
+        run_clm.load_raw_splits(run_clm.parse_args(["--train_file", str(corpus), "--text_column", "body"]))
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest to continue it"):
+        run_clm.prepare_output_dir(run_clm.parse_args(["--output_dir", str(tmp_path)]))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run_clm.resolve_checkpoint("latest", tmp_path)
+
+    monkeypatch.setattr(run_clm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="--report_to wandb needs the wandb package: pip install wandb"):
+        run_clm.check_tracker("wandb")
+
+
+def test_defaults_follow_the_paper():
+    tokenizer = run_clm.train_bpe_tokenizer(["a few words of text"], 300)
+    args = run_clm.parse_args(["--model_size", "60m"])
+    model = run_clm.build_model(args, tokenizer)
+    assert (model.config.hidden_size, model.config.intermediate_size, model.config.num_hidden_layers) == (512, 1280, 8)
+    assert run_clm.base_learning_rate(args) == 1e-2
+    assert run_clm.base_learning_rate(run_clm.parse_args(["--model_size", "1b"])) == 1e-3
+    model = run_clm.METHODS["poet"].wrap(model, args)
+    assert args.block == 256  # min(256, hidden/2)
+    assert sum(param.numel() for param in run_clm.poet_peft.poet_parameters(model)) == 9_661_440  # paper: 9.66M
+    assert not any("lm_head" in name for name, _ in model.named_modules() if "poet" in type(_).__name__.lower())
+    # POET lr: 1e-3 at b=256 and f=1/2, doubling as the block halves (paper: b=128 2e-3, b=64 4e-3).
+    rates = {
+        (mode, block): run_clm.poet_learning_rate(run_clm.parse_args(["--mode", mode]), block)
+        for mode, block in (("bs", 256), ("bs", 128), ("bs", 64), ("fs", 0.5), ("fs", 0.125))
+    }
+    assert rates == pytest.approx(
+        {("bs", 256): 1e-3, ("bs", 128): 2e-3, ("bs", 64): 4e-3, ("fs", 0.5): 1e-3, ("fs", 0.125): 4e-3}
+    )
