@@ -40,7 +40,6 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     PreTrainedTokenizerFast,
-    default_data_collator,
     get_scheduler,
 )
 
@@ -293,7 +292,7 @@ def tokenize_and_pack(split, tokenizer, args: argparse.Namespace, name: str):
         ids = list(chain.from_iterable(batch["input_ids"]))
         total = len(ids) // block_size * block_size
         blocks = [ids[start : start + block_size] for start in range(0, total, block_size)]
-        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+        return {"input_ids": blocks}
 
     streamed = isinstance(split, datasets.IterableDataset)
 
@@ -305,6 +304,12 @@ def tokenize_and_pack(split, tokenizer, args: argparse.Namespace, name: str):
             tokenize, batched=True, remove_columns=split.column_names, **options(f"Tokenizing {name}")
         )
         return tokenized.map(pack, batched=True, **options(f"Packing {name} into {block_size}-token sequences"))
+
+
+def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """A batch of packed sequences; the labels are the inputs themselves (the model shifts them)."""
+    input_ids = torch.stack([torch.as_tensor(example["input_ids"]) for example in examples])
+    return {"input_ids": input_ids, "labels": input_ids}
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -566,6 +571,11 @@ def train(args: argparse.Namespace) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    if args.method == "poet" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "--method poet does not run under FSDP yet: its merges rewrite whole weights, which FSDP shards. "
+            "Use DDP (examples/configs/multi_gpu.yaml), or FSDP with --method adamw."
+        )
     # This script's messages at INFO; the libraries' (Accelerate logs every file it saves) only from WARNING.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)
@@ -588,18 +598,13 @@ def train(args: argparse.Namespace) -> dict:
     train_loader = torch.utils.data.DataLoader(
         train_data,
         shuffle=not args.streaming,
-        collate_fn=default_data_collator,
+        collate_fn=collate_packed,
         batch_size=args.per_device_train_batch_size,
     )
     eval_loader = torch.utils.data.DataLoader(
-        eval_data, collate_fn=default_data_collator, batch_size=args.per_device_eval_batch_size
+        eval_data, collate_fn=collate_packed, batch_size=args.per_device_eval_batch_size
     )
 
-    if args.method == "poet" and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError(
-            "--method poet does not run under FSDP yet: its merges rewrite whole weights, which FSDP shards. "
-            "Use DDP (examples/configs/multi_gpu.yaml), or FSDP with --method adamw."
-        )
     method = METHODS[args.method]
     model = method.wrap(build_model(args, tokenizer), args)
     accelerator.print(parameter_summary(model))
