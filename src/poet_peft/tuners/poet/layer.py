@@ -9,7 +9,6 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...ops.blocks import (
     BlockLayout,
@@ -21,12 +20,11 @@ from ...ops.blocks import (
 )
 from ...ops.initialization import initial_weight
 from ...ops.seeding import seeded_generator
+from ..linear import LinearWeightMixin
 from .config import POETConfig
 
-SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
-
-class POETLinear(nn.Module, BaseTunerLayer):
+class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
     """A POET-wrapped torch.nn.Linear or transformers Conv1D: y = R·W0·P·x + bias.
 
     Per adapter it holds the packed skew parameters of R (`poet_R`, output side) and P (`poet_P`, input side),
@@ -42,8 +40,7 @@ class POETLinear(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.layer_key = layer_key
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # Conv1D stores its weight as (in, out)
-        self.out_features, self.in_features = self.logical_weight().shape
+        self._init_linear()
         self.poet_R = nn.ParameterDict()
         self.poet_P = nn.ParameterDict()
         self.poet_perm_out = BufferDict(persistent=True)
@@ -56,17 +53,6 @@ class POETLinear(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-
-    # -- weights --------------------------------------------------------------------------------------------
-    def logical_weight(self) -> torch.Tensor:
-        """The base weight W0 as an (out, in) matrix, whatever the base layer's storage convention."""
-        weight = self.get_base_layer().weight
-        return weight.t() if self.fan_in_fan_out else weight
-
-    def _write_logical_weight(self, weight: torch.Tensor) -> None:
-        # In place, so that optimizers, DDP buckets and tied references keep pointing at the same tensor.
-        with torch.no_grad():
-            self.logical_weight().copy_(weight)
 
     # -- adapters -------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: POETConfig) -> None:
@@ -201,12 +187,6 @@ class POETLinear(nn.Module, BaseTunerLayer):
                 # R·(z − b) + b written as z + (R − I)·(z − b): exact when R = I, so fresh adapters change nothing.
                 result = left.apply(result) if bias is None else result + left.apply_minus_identity(result - bias)
         return result.to(input_dtype)
-
-    def _base_forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # The base layer's own forward on an (out, in) weight put in its storage layout, so that an unrotated
-        # weight gives bit for bit what the base layer computes.
-        stored = (weight.t() if self.fan_in_fan_out else weight).contiguous()
-        return torch.func.functional_call(self.get_base_layer(), {"weight": stored}, (x,))
 
     def rotation_sides(self, adapter_names: list[str], tokens: int) -> tuple[bool, bool]:
         """Whether R and whether P go on the weight (weight-centric) rather than on the activations (input-centric).

@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import _get_submodules
-from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from .config import POETConfig
-from .layer import SUPPORTED_LAYERS, POETLinear
+from ..linear import LinearTuner
+from .layer import POETLinear
 
 BASE_WEIGHT = "base_layer.weight"
 _LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,67 +38,25 @@ def poet_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     return [param for layer in poet_layers(model) for param in layer.skew_parameters()]
 
 
-def _linear_layer_names(model: nn.Module) -> str:
-    names = sorted(
-        {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)}
-    )
-    return ", ".join(names) if names else "(none)"
-
-
-class POETModel(BaseTuner):
+class POETModel(LinearTuner):
     """The PEFT tuner for POET; `get_peft_model(model, POETConfig(...))` builds it."""
 
+    method = "POET"
     prefix = "poet_"
     tuner_layer_cls = POETLinear
     target_module_mapping = DEFAULT_TARGET_MODULES
 
-    def _prepare_adapter_config(self, peft_config: POETConfig, model_config: dict) -> POETConfig:
-        if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            if model_type not in DEFAULT_TARGET_MODULES:
-                raise ValueError(
-                    f"POETConfig.target_modules is None and POET has no default targets for model_type="
-                    f"{model_type!r} (defaults exist for {', '.join(sorted(DEFAULT_TARGET_MODULES))}). Pass "
-                    f"target_modules: a list of names, a regex, or 'all-linear'. This model's Linear/Conv1D layers "
-                    f"are named: {_linear_layer_names(self.model)}."
-                )
-            peft_config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
-        return peft_config
-
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        # All or nothing: a bad target found halfway must not leave the user's model partly wrapped, and W0 is
-        # only redrawn (init_weights) once every target has been wrapped.
-        try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except NoMatchingPeftModuleError as error:
-            raise NoMatchingPeftModuleError(
-                f"{error} POET wraps Linear and Conv1D layers; this model's are named: {_linear_layer_names(model)}."
-            ) from error
-        except Exception:
-            self._remove_adapter_layers(model, adapter_name)
-            raise
+    def initialize_injected(self, model: nn.Module, adapter_name: str) -> None:
+        """Redraw W0 where init_weights says so, once every target has been wrapped."""
         for layer in poet_layers(model):
             if adapter_name in layer.poet_config:
                 layer.initialize_base_weight(adapter_name)
-
-    @staticmethod
-    def _remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
-        for name, layer in [(name, m) for name, m in model.named_modules() if isinstance(m, POETLinear)]:
-            if set(layer.poet_config) == {adapter_name}:
-                parent, _, child_name = _get_submodules(model, name)
-                setattr(parent, child_name, layer.get_base_layer())
-            elif adapter_name in layer.poet_config:
-                layer.delete_adapter(adapter_name)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, POETLinear):
             target.update_layer(adapter_name, peft_config)
             return
-        if not isinstance(target, SUPPORTED_LAYERS):
-            raise TypeError(
-                f"POET cannot wrap {current_key}: it is a {type(target).__name__}, and POET wraps torch.nn.Linear "
-                f"and transformers Conv1D layers only. This model's are named: {_linear_layer_names(self.model)}."
-            )
+        self.check_wrappable(target, current_key)
         new_module = POETLinear(target, adapter_name, peft_config, layer_key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

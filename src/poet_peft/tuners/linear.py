@@ -1,0 +1,105 @@
+"""What POET's and ORA's tuners share: Linear/Conv1D base layers seen as (out, in) weights, and safe injection."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import _get_submodules
+from peft.utils.error import NoMatchingPeftModuleError
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+
+def linear_layer_names(model: nn.Module) -> str:
+    """The distinct last names of a model's Linear and Conv1D layers, for error messages."""
+    names = sorted(
+        {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, SUPPORTED_LAYERS)}
+    )
+    return ", ".join(names) if names else "(none)"
+
+
+class LinearWeightMixin:
+    """Access to a wrapped Linear or Conv1D base layer's weight as an (out, in) matrix."""
+
+    def _init_linear(self) -> None:
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)  # Conv1D stores its weight as (in, out)
+        self.out_features, self.in_features = self.logical_weight().shape
+
+    def logical_weight(self) -> torch.Tensor:
+        """The base weight as an (out, in) matrix, whatever the base layer's storage convention."""
+        weight = self.get_base_layer().weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _write_logical_weight(self, weight: torch.Tensor, rows: slice = slice(None)) -> None:
+        # In place, so that optimizers, DDP buckets and tied references keep pointing at the same tensor.
+        with torch.no_grad():
+            self.logical_weight()[rows].copy_(weight)
+
+    def _base_forward_with(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        # The base layer's own forward on an (out, in) weight put in its storage layout (and optionally another
+        # bias), so that the unchanged weight gives bit for bit what the base layer computes.
+        tensors = {"weight": (weight.t() if self.fan_in_fan_out else weight).contiguous()}
+        if bias is not None:
+            tensors["bias"] = bias
+        return torch.func.functional_call(self.get_base_layer(), tensors, (x,))
+
+
+class LinearTuner(BaseTuner):
+    """A BaseTuner of Linear/Conv1D layers: default targets per architecture, and injection that is all or nothing."""
+
+    method = ""  # the method's name in error messages
+
+    def _prepare_adapter_config(self, peft_config, model_config: dict):
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"{type(peft_config).__name__}.target_modules is None and {self.method} has no default targets "
+                    f"for model_type={model_type!r} (defaults exist for {', '.join(sorted(self.target_module_mapping))}"
+                    f"). Pass target_modules: a list of names or a regex. This model's Linear/Conv1D layers are "
+                    f"named: {linear_layer_names(self.model)}."
+                )
+            peft_config.target_modules = set(self.target_module_mapping[model_type])
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """BaseTuner.inject_adapter, undone if it fails halfway, then `initialize_injected` once every target is in."""
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as error:
+            raise NoMatchingPeftModuleError(
+                f"{error} {self.method} wraps Linear and Conv1D layers; this model's are named: "
+                f"{linear_layer_names(model)}."
+            ) from error
+        except Exception:
+            _remove_adapter_layers(model, adapter_name, self.tuner_layer_cls)
+            raise
+        self.initialize_injected(model, adapter_name)
+
+    def initialize_injected(self, model: nn.Module, adapter_name: str) -> None:
+        """What a tuner does to the wrapped layers once all are wrapped (weights it redraws, say); nothing here."""
+
+    def check_wrappable(self, target: nn.Module, key: str) -> None:
+        """Raise a clear TypeError unless `target` is a Linear or Conv1D layer."""
+        if not isinstance(target, SUPPORTED_LAYERS):
+            raise TypeError(
+                f"{self.method} cannot wrap {key}: it is a {type(target).__name__}, and {self.method} wraps "
+                f"torch.nn.Linear and transformers Conv1D layers only. This model's are named: "
+                f"{linear_layer_names(self.model)}."
+            )
+
+
+def _remove_adapter_layers(model: nn.Module, adapter_name: str, layer_cls: type) -> None:
+    for name, layer in [(name, m) for name, m in model.named_modules() if isinstance(m, layer_cls)]:
+        adapters = set(layer._all_available_adapter_names())
+        if adapters == {adapter_name}:
+            parent, _, child_name = _get_submodules(model, name)
+            setattr(parent, child_name, layer.get_base_layer())
+        elif adapter_name in adapters:
+            layer.delete_adapter(adapter_name)
