@@ -64,7 +64,7 @@ def test_exact_cayley_is_orthogonal_and_matches_the_inverse_formula():
     eye = torch.eye(16, dtype=F64)
     reference = (eye + skew) @ torch.linalg.inv(eye - skew)
     assert torch.allclose(cayley(skew), reference, atol=1e-13)
-    assert orthogonality_error(cayley(skew)).max() < 1e-14
+    assert orthogonality_error(cayley(skew)).max() < 1e-13
 
 
 def test_cayley_neumann_three_terms_is_the_papers_polynomial():
@@ -95,7 +95,7 @@ def test_orthogonality_error_shrinks_with_more_terms_for_small_q():
     skew = random_skew(32, spectral_norm=0.3)
     errors = [orthogonality_error(cayley_neumann(skew, k)).max().item() for k in (1, 3, 5)]
     assert errors[0] > errors[1] > errors[2] > 0
-    assert orthogonality_error(cayley(skew)).max() < 1e-14
+    assert orthogonality_error(cayley(skew)).max() < 1e-13
 
 
 def test_float32_rotation_matches_float64_reference():
@@ -110,7 +110,7 @@ def test_nearest_orthogonal_of_odd_neumann_is_exact_cayley():
     skew = random_skew(16, spectral_norm=0.6)
     projected = nearest_orthogonal(cayley_neumann(skew, 3))
     assert torch.allclose(projected, cayley(skew), atol=1e-12)
-    assert orthogonality_error(projected).max() < 1e-14
+    assert orthogonality_error(projected).max() < 1e-13
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ def test_block_rotation_equals_its_dense_matrix(layout):
         rotation.apply_minus_identity(x), x @ (matrix - torch.eye(layout.dim, dtype=F64)).T, atol=1e-13
     )
     assert torch.allclose(dense(rotation.inverse()), torch.linalg.inv(matrix), atol=1e-12)
-    assert orthogonality_error(dense(rotation.orthogonalized())) < 1e-14
+    assert orthogonality_error(dense(rotation.orthogonalized())) < 1e-13
 
 
 def test_rotate_weight_is_left_times_weight_times_right():

@@ -47,10 +47,20 @@ def rotation_from_skew(skew: torch.Tensor, neumann_terms: int | None) -> torch.T
 
 
 def orthogonality_error(matrices: torch.Tensor) -> torch.Tensor:
-    """Relative Frobenius distance ‖RᵀR − I‖_F / ‖I‖_F of each matrix in a batch."""
-    gram = matrices.transpose(-1, -2) @ matrices
-    size = matrices.shape[-1]
-    return torch.linalg.matrix_norm(gram - _identity_like(gram)) / size**0.5
+    """‖WWᵀ − I‖_F of each matrix in a batch (‖WᵀW − I‖_F for tall ones): zero iff rows (columns) are orthonormal."""
+    wide = matrices.shape[-2] <= matrices.shape[-1]
+    gram = matrices @ matrices.transpose(-1, -2) if wide else matrices.transpose(-1, -2) @ matrices
+    return torch.linalg.matrix_norm(gram - _identity_like(gram))
+
+
+def random_orthogonal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-random float64 (rows, cols) matrix with orthonormal rows (rows ≤ cols) or columns (rows > cols)."""
+    tall = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(tall)
+    # QR alone is not Haar: LAPACK's sign convention biases Q. Making diag(R) positive fixes the factorisation
+    # uniquely, and the result is then exactly Haar-distributed (Mezzadri 2007).
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.t().contiguous() if rows <= cols else q
 
 
 def nearest_orthogonal(matrices: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""ORAModel: replaces a model's Q and K projections by fixed random ones, following PEFT's tuner protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..linear import LinearTuner
+from .config import ORAConfig
+from .layer import ORALinear
+
+_LLAMA_STYLE = ("q_proj", "k_proj")
+
+# The query and key projections of each architecture.
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "opt": _LLAMA_STYLE,
+    "gpt2": ("c_attn",),
+    "bert": ("query", "key"),
+    "roberta": ("query", "key"),
+}
+# Targets whose output is [Q; K; V] in equal thirds.
+DEFAULT_FUSED_QKV_MODULES: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn",)}
+
+
+def ora_layers(model: nn.Module) -> Iterator[ORALinear]:
+    """Every ORA layer in a model, wrapped (DDP, PeftModel, …) or not."""
+    return (module for module in model.modules() if isinstance(module, ORALinear))
+
+
+class ORAModel(LinearTuner):
+    """The PEFT tuner for ORA; `get_peft_model(model, ORAConfig(...))` builds it.
+
+    ORA is a reparameterisation for training, not an add-on: the drawn Q/K overwrite the base weights, every
+    other parameter of the model trains, and the adapter file holds all of them except the regenerable Q/K.
+    """
+
+    method = "ORA"
+    prefix = "ora_"
+    tuner_layer_cls = ORALinear
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: ORAConfig, model_config: dict) -> ORAConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        if peft_config.fused_qkv_modules is None:
+            peft_config.fused_qkv_modules = list(DEFAULT_FUSED_QKV_MODULES.get(model_config.get("model_type"), ()))
+        return peft_config
+
+    def _check_new_adapter_config(self, config: ORAConfig) -> None:
+        if len(self.peft_config) > 1:
+            raise ValueError(
+                f"A model takes one ORA adapter; it already has {next(iter(self.peft_config))!r}. ORA overwrites the "
+                "Q/K weights in place, so a second draw would replace the first. Build a fresh model instead."
+            )
+
+    def initialize_injected(self, model: nn.Module, adapter_name: str) -> None:
+        """Draw Q/K into the wrapped layers: the draws overwrite base weights, so only once all are wrapped."""
+        for layer in ora_layers(model):
+            layer.draw_projections(adapter_name)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        self.check_wrappable(target, current_key)
+        fused = target_name in peft_config.fused_qkv_modules
+        new_module = ORALinear(target, adapter_name, peft_config, layer_key=current_key, fused=fused)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # Unlike an additive adapter, ORA trains the whole model except the fixed Q/K.
+        inference = any(config.inference_mode for config in self.peft_config.values())
+        for param in model.parameters():
+            param.requires_grad_(not inference)
+        for layer in ora_layers(model):
+            for param in layer.fixed_parameters():
+                param.requires_grad_(False)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        if not enabled:
+            raise ValueError(
+                "ORA adapters cannot be disabled: ORA overwrote the Q/K weights in place, so there is no original "
+                "model to fall back to. Load the base model again for its original Q/K."
+            )
+        super()._enable_adapter_layers(enabled)
+
+    def unload(self) -> nn.Module:
+        """Not available for ORA: use `merge_and_unload()`, which returns the plain model with ORA's weights."""
+        raise ValueError(
+            "ORA has no base model to unload to: it overwrote the Q/K weights in place. merge_and_unload() returns "
+            "the trained model as a plain transformers model."
+        )
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # Everything that trained, which is everything except the Q/K that the seed regenerates.
+        regenerated = set()
+        for name, layer in model.named_modules():
+            if isinstance(layer, ORALinear) and layer.fixed_parameters():
+                name = name.replace("_fsdp_wrapped_module.", "")
+                regenerated.update(f"{name}.base_layer.{part}" for part in ("weight", "bias"))
+        return {key: value for key, value in state_dict.items() if key not in regenerated}
