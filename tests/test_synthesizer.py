@@ -1,0 +1,73 @@
+"""Synthesizer attention, ORA's baselines, through Transformers' attention interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, outputs, tiny_model
+
+from poet_peft.synthesizer import SynthesizedLogits, install_synthesizer, synthesizer_attention
+
+F64 = torch.float64
+
+
+class FakeAttention(torch.nn.Module):
+    """What the attention function needs of an attention module: its synthesizer."""
+
+    def __init__(self, synthesizer: SynthesizedLogits):
+        super().__init__()
+        self.synthesizer = synthesizer
+
+
+@pytest.mark.parametrize("factor_dim", [None, 3])
+def test_attention_is_softmax_of_the_causally_masked_logits_times_v(factor_dim):
+    generator = torch.Generator().manual_seed(0)
+    module = FakeAttention(SynthesizedLogits(4, 10, factor_dim, generator)).double().eval()
+    value = torch.randn(2, 2, 6, 5, generator=generator, dtype=F64)  # 2 key/value heads shared by 4 query heads
+    query = torch.randn(2, 4, 6, 5, dtype=F64)
+    causal = torch.full((6, 6), torch.finfo(F64).min, dtype=F64).triu(1).expand(2, 1, 6, 6)
+    output, weights = synthesizer_attention(module, query, query, value, causal)
+
+    synth = module.synthesizer
+    logits = synth.logits if factor_dim is None else synth.left @ synth.right.transpose(-1, -2)
+    logits = logits[:, :6, :6].detach().masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    expected_weights = torch.softmax(logits, dim=-1)
+    expected = torch.einsum("hqk,bhkd->bqhd", expected_weights, value.repeat_interleave(2, dim=1))
+    assert torch.allclose(weights, expected_weights.expand(2, 4, 6, 6), rtol=0, atol=1e-12)
+    assert torch.allclose(output, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["synthesizer_random", "synthesizer_factorized"])
+@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def test_a_future_token_cannot_change_a_past_output(kind, architecture, tokens):
+    model = install_synthesizer(tiny_model(architecture), kind, max_length=16)
+    changed = tokens.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = outputs(model, tokens), outputs(model, changed)
+    assert torch.equal(before[:, :8], after[:, :8])
+    assert not torch.allclose(before[:, 8:], after[:, 8:])
+
+
+def test_q_and_k_are_removed_and_the_logits_learn_or_stay_fixed(tokens):
+    model = install_synthesizer(tiny_model("llama"), "synthesizer_random", max_length=16)
+    names = [name for name, _ in model.named_parameters()]
+    assert not any("q_proj" in name or "k_proj" in name for name in names)
+    assert sum("synthesizer.logits" in name for name in names) == 2
+    outputs(model, tokens).square().mean().backward()
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in model.parameters())
+
+    fixed = install_synthesizer(tiny_model("llama"), "synthesizer_factorized", max_length=16, fixed=True)
+    synthesized = [param for name, param in fixed.named_parameters() if "synthesizer" in name]
+    assert [tuple(param.shape) for param in synthesized] == [(4, 16, 16)] * 4  # R1, R2 per layer, k=16
+    assert not any(param.requires_grad for param in synthesized)
+
+
+def test_bad_use_is_refused_with_a_clear_error(tokens):
+    with pytest.raises(ValueError, match="valid: 'synthesizer_random', 'synthesizer_factorized'"):
+        install_synthesizer(tiny_model("llama"), "synthesizer_dense", max_length=16)
+    with pytest.raises(ValueError, match="no attention layer with separate q_proj and k_proj"):
+        install_synthesizer(tiny_model("gpt2"), "synthesizer_random", max_length=16)
+    model = install_synthesizer(tiny_model("llama"), "synthesizer_random", max_length=8)
+    with pytest.raises(ValueError, match="at most 8 tokens and got 12"):
+        outputs(model, tokens)
