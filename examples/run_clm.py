@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a LLaMA-style causal language model from scratch with AdamW or POET, under Accelerate.
+"""Pretrain a LLaMA-style causal language model from scratch with AdamW, POET or ORA, under Accelerate.
 
 In the spirit of Transformers' run_clm_no_trainer.py. With no data flags it trains on the bundled Wikipedia
 summaries, offline; `--dataset_name allenai/c4 --dataset_config_name en --streaming` is the paper's setting.
@@ -7,6 +7,8 @@ summaries, offline; `--dataset_name allenai/c4 --dataset_config_name en --stream
     accelerate launch examples/run_clm.py                                  # tiny POET run on the bundled text
     accelerate launch examples/run_clm.py --method adamw --model_size 60m --tokenizer_name t5-base \\
         --dataset_name allenai/c4 --dataset_config_name en --streaming --max_train_steps 10000
+    accelerate launch examples/run_clm.py --method ora                     # frozen random orthogonal Q/K
+    accelerate launch examples/run_clm.py --method adamw --attention synthesizer_random   # ORA's baseline
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from transformers import (
 )
 
 import poet_peft
+from poet_peft.synthesizer import SYNTHESIZERS, install_synthesizer
 
 logger = get_logger(__name__)
 
@@ -99,7 +102,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model_size", choices=sorted(MODEL_SIZES, key=list(MODEL_SIZES).index), default="tiny")
     model.add_argument("--config_name", help="a model config (Hub or local) to use instead of --model_size")
-    model.add_argument("--config_overrides", help='comma-separated config fields, e.g. "num_hidden_layers=2"')
+    model.add_argument(
+        "--config_overrides",
+        help='comma-separated config fields, e.g. "num_hidden_layers=2" or "num_attention_heads=8,head_dim=16"',
+    )
+    model.add_argument(
+        "--attention",
+        choices=["default", *SYNTHESIZERS],
+        default="default",
+        help="Synthesizer attention replaces Q·Kᵀ by learned per-head position logits (with --method adamw)",
+    )
+    model.add_argument(
+        "--synthesizer_fixed", action="store_true", help="freeze the Synthesizer logits at their random init"
+    )
+    model.add_argument("--synthesizer_factor_dim", type=int, default=16, help="rank k of synthesizer_factorized")
 
     method = parser.add_argument_group("method")
     method.add_argument("--method", choices=sorted(METHODS), default="poet")
@@ -112,6 +128,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     method.add_argument("--neumann_terms", type=int, default=3, help="Cayley–Neumann terms k")
     method.add_argument("--merge_every", type=int, default=200, help="POET merge-then-reinitialize period T_m")
     method.add_argument("--poet_lr", type=float, help="lr of POET's Q (default: the paper's 1e-3·256/b, 1e-3·(1/2)/f)")
+    method.add_argument(
+        "--ora_init", choices=["orthogonal", "gaussian"], default="orthogonal", help="ORA's Q/K draw (A1: gaussian)"
+    )
+    method.add_argument("--ora_trainable_qk", action="store_true", help="train ORA's Q/K from the draw (A2)")
 
     train = parser.add_argument_group("training")
     train.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -165,6 +185,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         "checkpoints_total_limit",
         "max_train_steps",
         "merge_every",
+        "synthesizer_factor_dim",
     ):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -175,6 +196,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(
             f"--block {args.block} does not fit --mode {args.mode}: bs takes an integer b ≥ 2, fs a fraction in (0, 1]"
         )
+    if args.attention != "default" and args.method != "adamw":
+        parser.error(
+            f"--attention {args.attention} removes Q and K, which --method {args.method} needs: use --method adamw"
+        )
+    if args.synthesizer_fixed and args.attention == "default":
+        parser.error("--synthesizer_fixed applies to --attention synthesizer_random or synthesizer_factorized")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -314,7 +341,7 @@ def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------------------- model
 def build_model(args: argparse.Namespace, tokenizer) -> torch.nn.Module:
-    """A LLaMA-style model from --model_size (or --config_name) and --config_overrides, freshly initialised."""
+    """A LLaMA-style model from --model_size (or --config_name), --config_overrides and --attention, untrained."""
     if args.config_name:
         config = AutoConfig.from_pretrained(args.config_name)
     else:
@@ -327,7 +354,19 @@ def build_model(args: argparse.Namespace, tokenizer) -> torch.nn.Module:
     config.pad_token_id = tokenizer.pad_token_id
     if args.config_overrides:
         config.update_from_string(args.config_overrides)
-    return AutoModelForCausalLM.from_config(config)
+        overridden = {item.partition("=")[0].strip() for item in args.config_overrides.split(",")}
+        # A different head count keeps d_model (ablation A3): d_k and the key/value heads follow unless also given.
+        if "num_attention_heads" in overridden:
+            if "head_dim" not in overridden and hasattr(config, "head_dim"):
+                config.head_dim = config.hidden_size // config.num_attention_heads
+            if "num_key_value_heads" not in overridden and hasattr(config, "num_key_value_heads"):
+                config.num_key_value_heads = config.num_attention_heads
+    model = AutoModelForCausalLM.from_config(config)
+    if args.attention != "default":
+        install_synthesizer(
+            model, args.attention, args.block_size, args.synthesizer_fixed, args.synthesizer_factor_dim, args.seed
+        )
+    return model
 
 
 def base_learning_rate(args: argparse.Namespace) -> float:
@@ -397,6 +436,12 @@ def wrap_poet(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Modu
     return get_peft_model(model, config)
 
 
+def wrap_ora(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """ORA: Q and K drawn from --seed and frozen (or trained, --ora_trainable_qk); everything else trains."""
+    config = poet_peft.ORAConfig(init=args.ora_init, trainable_qk=args.ora_trainable_qk, seed=args.seed)
+    return get_peft_model(model, config)
+
+
 def poet_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
     """Q at the POET lr without decay; embeddings, norms and lm_head at the base lr."""
     return poet_peft.param_groups(
@@ -411,16 +456,21 @@ METHODS = {
         step_hooks=lambda model, optimizer: NoStepHooks(),
     ),
     "poet": Method(wrap=wrap_poet, param_groups=poet_param_groups, step_hooks=poet_peft.MergeSchedule),
+    "ora": Method(wrap=wrap_ora, param_groups=adamw_param_groups, step_hooks=lambda model, optimizer: NoStepHooks()),
 }
 
 
 def parameter_summary(model: torch.nn.Module) -> str:
-    """Trainable and total parameters; a module kept in two copies (PEFT's modules_to_save) counts once."""
-    trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
-    total = sum(param.numel() for name, param in model.named_parameters() if ".original_module." not in name)
+    """Trainable, frozen and total parameters; a module kept in two copies (PEFT's modules_to_save) counts once."""
+    counted = [param for name, param in model.named_parameters() if ".original_module." not in name]
+    trainable = sum(param.numel() for param in counted if param.requires_grad)
+    total = sum(param.numel() for param in counted)
     poet = sum(param.numel() for param in poet_peft.poet_parameters(model))
     detail = f" (POET Q: {poet:,})" if poet else ""
-    return f"trainable parameters: {trainable:,}{detail} of {total:,} ({100 * trainable / total:.2f}%)"
+    return (
+        f"trainable parameters: {trainable:,}{detail} of {total:,} ({100 * trainable / total:.2f}%); "
+        f"frozen: {total - trainable:,}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -571,10 +621,11 @@ def train(args: argparse.Namespace) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    if args.method == "poet" and accelerator.distributed_type == DistributedType.FSDP:
+    if args.method != "adamw" and accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError(
-            "--method poet does not run under FSDP yet: its merges rewrite whole weights, which FSDP shards. "
-            "Use DDP (examples/configs/multi_gpu.yaml), or FSDP with --method adamw."
+            f"--method {args.method} does not run under FSDP yet (POET's merges rewrite whole weights, which FSDP "
+            "shards; ORA's frozen Q/K are untested there). Use DDP (examples/configs/multi_gpu.yaml), or FSDP "
+            "with --method adamw."
         )
     # This script's messages at INFO; the libraries' (Accelerate logs every file it saves) only from WARNING.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
@@ -720,6 +771,7 @@ def train(args: argparse.Namespace) -> dict:
     if train_seconds:
         summary["train/tokens_per_second"] = session_tokens / train_seconds
     return {
+        "args": args,
         "accelerator": accelerator,
         "model": model,
         "tokenizer": tokenizer,
@@ -735,10 +787,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(run["model"])  # a collective under FSDP: every rank takes part
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(run["model"])
-        save_merged_model(model, state_dict, run["tokenizer"], output_dir / "model")
         print(json.dumps(run["summary"], indent=2))
-        print(f"Merged model and tokenizer saved to {output_dir / 'model'}")
+        if run["args"].attention == "default":
+            model = accelerator.unwrap_model(run["model"])
+            save_merged_model(model, state_dict, run["tokenizer"], output_dir / "model")
+            print(f"Merged model and tokenizer saved to {output_dir / 'model'}")
+        else:  # plain Transformers has no Synthesizer attention to load it into
+            print(
+                "No model exported: plain Transformers cannot load Synthesizer attention. Its weights are in the "
+                "checkpoints (--checkpointing_steps)."
+            )
     accelerator.end_training()
     return run["summary"]
 

@@ -159,6 +159,47 @@ def test_merged_model_loads_in_plain_transformers_with_the_peft_models_logits(po
     assert (output_dir / "model" / "model.safetensors").is_file()
 
 
+def test_ora_pretraining_learns_with_q_and_k_left_as_drawn(cache, tmp_path):
+    flags = [*NANO, "--method", "ora", "--max_train_steps", "60", "--logging_steps", "5", "--eval_steps", "30"]
+    result = run_script(cache, tmp_path, *flags)
+    assert_learns(metrics(tmp_path))
+    # nano: 2 layers × (q_proj + k_proj) of 64×64 frozen; everything else of the 166,208 trains.
+    assert "trainable parameters: 149,824 of 166,208 (90.14%); frozen: 16,384" in result.stdout
+
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    args = run_clm.parse_args(flags)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    drawn = run_clm.METHODS["ora"].wrap(run_clm.build_model(args, tokenizer), args)
+    for merged_layer, drawn_layer in zip(merged.model.layers, drawn.base_model.model.model.layers):
+        for name in ("q_proj", "k_proj"):
+            weight = getattr(merged_layer.self_attn, name).weight
+            assert torch.equal(weight, getattr(drawn_layer.self_attn, name).base_layer.weight)  # never trained
+            assert torch.allclose(weight @ weight.T, torch.eye(64), atol=1e-5)
+
+
+def test_synthesizer_baseline_learns_without_q_and_k(cache, tmp_path):
+    flags = ["--method", "adamw", "--attention", "synthesizer_random", "--max_train_steps", "60"]
+    result = run_script(cache, tmp_path, *NANO, *flags, "--logging_steps", "5", "--eval_steps", "30")
+    assert_learns(metrics(tmp_path))
+    # 166,208 − 2 layers × 2 × 64² for Q/K + 2 layers × 2 heads × 128² for the position logits.
+    assert "trainable parameters: 215,360 of 215,360" in result.stdout
+    assert "No model exported" in result.stdout and not (tmp_path / "model").exists()
+
+
+def test_shape_overrides_cover_the_attention_ablations():
+    tokenizer = run_clm.train_bpe_tokenizer(["a few words of text"], 300)
+    heads = run_clm.build_model(run_clm.parse_args([*NANO, "--config_overrides", "num_attention_heads=4"]), tokenizer)
+    assert (heads.config.num_attention_heads, heads.config.head_dim, heads.config.num_key_value_heads) == (4, 16, 4)
+    overrides = "num_attention_heads=4,head_dim=8,num_hidden_layers=3"
+    args = run_clm.parse_args([*NANO, "--method", "ora", "--config_overrides", overrides])
+    model = run_clm.METHODS["ora"].wrap(run_clm.build_model(args, tokenizer), args)
+    layers = list(run_clm.poet_peft.ora_layers(model))
+    assert len(layers) == 6 and {layer.logical_weight().shape for layer in layers} == {torch.Size([32, 64])}
+    assert max(layer.orthogonality_error() for layer in layers) < 1e-5  # d_k·h = 32 < 64: rows orthonormal
+
+
 def small_corpus(path: Path, documents: int, skip: int = 0) -> Path:
     """The first documents of the bundled Wikipedia summaries as a .jsonl file."""
     with gzip.open(run_clm.BUNDLED_DATA, "rt", encoding="utf-8") as handle:
@@ -308,7 +349,10 @@ def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
         (["--streaming"], "--streaming applies to --dataset_name only"),
         (["--dataset_name", "allenai/c4", "--streaming"], "pass --max_train_steps"),
         (["--dataset_name", "x", "--train_file", "y.txt"], "either --dataset_name or --train_file"),
-        (["--method", "sgd"], "invalid choice: 'sgd' (choose from 'adamw', 'poet')"),
+        (["--method", "sgd"], "invalid choice: 'sgd' (choose from 'adamw', 'ora', 'poet')"),
+        (["--attention", "synthesizer_random"], "removes Q and K, which --method poet needs: use --method adamw"),
+        (["--method", "adamw", "--synthesizer_fixed"], "--synthesizer_fixed applies to --attention synthesizer_"),
+        (["--ora_init", "uniform"], "invalid choice: 'uniform' (choose from 'orthogonal', 'gaussian')"),
         (
             ["--model_size", "7b"],
             "invalid choice: '7b' (choose from 'nano', 'tiny', 'small', '60m', '130m', '350m', '1b')",
