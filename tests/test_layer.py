@@ -218,7 +218,7 @@ def test_unknown_architecture_without_targets_lists_its_linear_layers():
         def forward(self, x):
             return self.encoder(x)
 
-    with pytest.raises(ValueError, match=r"no default targets for model_type='custom'.*named: encoder"):
+    with pytest.raises(ValueError, match=r"no default targets for model_type='custom'.*'all-linear'.*named: encoder"):
         get_peft_model(Tiny(), POETConfig(block=4))
     wrapped = get_peft_model(Tiny(), POETConfig(block=4, target_modules=["encoder"]))
     assert wrapped.get_nb_trainable_parameters()[0] == 2 * 2 * 6

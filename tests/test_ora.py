@@ -55,14 +55,16 @@ def test_random_orthogonal_is_haar_thanks_to_the_sign_fix():
     assert corner.square().mean().item() == pytest.approx(1 / 3, abs=0.03)  # E w² = 1/n
 
 
-def test_orthogonality_error_matches_a_direct_float64_computation():
-    generator = torch.Generator().manual_seed(2)
-    for shape in [(6, 9), (9, 6), (4, 7, 7)]:
-        matrix = torch.randn(*shape, generator=generator, dtype=F64)
-        wide = shape[-2] <= shape[-1]
-        gram = matrix @ matrix.transpose(-1, -2) if wide else matrix.transpose(-1, -2) @ matrix
-        expected = torch.linalg.norm(gram - torch.eye(gram.shape[-1], dtype=F64), dim=(-2, -1))
-        assert torch.allclose(orthogonality_error(matrix), expected, rtol=1e-12)
+def test_orthogonality_error_is_the_frobenius_distance_of_the_smaller_gram_from_identity():
+    # c·U with orthonormal rows U (n×m, n ≤ m) has Gram c²·I_n, hence error |c² − 1|·√n, wide or transposed;
+    # a batch gives one error per matrix.
+    rotation = random_orthogonal(5, 8, torch.Generator().manual_seed(2))
+    for scale in (1.0, 0.5, 3.0):
+        expected = abs(scale**2 - 1) * 5**0.5
+        assert orthogonality_error(scale * rotation).item() == pytest.approx(expected, abs=1e-12)
+        assert orthogonality_error(scale * rotation.T).item() == pytest.approx(expected, abs=1e-12)
+    batch = torch.stack([random_orthogonal(5, 5, torch.Generator().manual_seed(3)), 2 * torch.eye(5, dtype=F64)])
+    assert orthogonality_error(batch).tolist() == pytest.approx([0.0, 3 * 5**0.5], abs=1e-12)
 
 
 def test_random_projection_stacks_orthonormal_blocks_when_taller_than_wide_and_scales_gaussians():
@@ -163,6 +165,48 @@ def test_gpt2_freezes_only_the_q_and_k_thirds_of_c_attn(tokens):
     torch.testing.assert_close(outputs(merged, tokens), trained, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gpt2_trains_its_v_rows_in_fp32_and_computes_in_the_model_dtype(dtype, tokens):
+    model = get_peft_model(tiny_model("gpt2").to(dtype), poet_peft.ORAConfig())
+    layer = next(poet_peft.ora_layers(model))
+    value = layer.ora_value_weight["default"]
+    assert value.dtype == torch.float32 and layer.logical_weight().dtype == dtype  # PEFT's adapter autocast
+    assert layer.ora_draw_checksum["default"].dtype == torch.int64  # not rounded by the cast
+    reference = torch.cat([layer.logical_weight()[:128], value.to(dtype)])
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    bias = torch.cat([layer.get_base_layer().bias[:128], layer.ora_value_bias["default"].to(dtype)])
+    result = layer(x)
+    assert result.dtype == dtype
+    torch.testing.assert_close(result.float(), x.float() @ reference.float().T + bias.float(), atol=2e-2, rtol=1e-2)
+    model.train()
+    outputs(model, tokens).float().square().mean().backward()
+    assert value.grad.dtype == torch.float32 and value.grad.abs().sum() > 0
+    merged = model.merge_and_unload()
+    assert torch.equal(merged.transformer.h[0].attn.c_attn.weight[:, 128:], value.to(dtype).t())
+
+
+def test_activation_and_gradient_switches_cover_the_whole_model_except_fixed_qk():
+    model = get_peft_model(tiny_model("gpt2"), poet_peft.ORAConfig())
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    fixed = {name for name, param in model.named_parameters() if ".base_layer." in name}
+    assert trainable and not trainable & fixed and len(trainable) + len(fixed) == len(list(model.parameters()))
+    model.base_model.set_adapter("default", inference_mode=True)
+    assert not any(param.requires_grad for param in model.parameters())
+    model.set_requires_grad("default", True)
+    assert {name for name, param in model.named_parameters() if param.requires_grad} == trainable
+    model.set_requires_grad(["default"], False)
+    assert not any(param.requires_grad for param in model.parameters())
+    model.set_adapter("default")
+    assert {name for name, param in model.named_parameters() if param.requires_grad} == trainable
+    with pytest.raises(ValueError, match=r"No ORA adapter named \['other'\]"):
+        model.set_requires_grad("other")
+    values = [layer.ora_value_weight["default"].detach().clone() for layer in poet_peft.ora_layers(model)]
+    with pytest.raises(ValueError, match="cannot be deleted.*merge_and_unload"):
+        model.delete_adapter("default")
+    kept = [layer.ora_value_weight["default"] for layer in poet_peft.ora_layers(model)]  # nothing was lost
+    assert all(torch.equal(old, new) for old, new in zip(values, kept))
+
+
 @pytest.mark.parametrize("architecture", ["llama", "mistral", "gpt2", "bert"])
 def test_save_and_load_reproduce_the_logits_exactly_from_the_seed(architecture, tokens, tmp_path):
     model = get_peft_model(tiny_model(architecture), poet_peft.ORAConfig(seed=5))
@@ -186,6 +230,17 @@ def test_save_and_load_reproduce_the_logits_exactly_from_the_seed(architecture, 
     assert not any(param.requires_grad for param in loaded.parameters())  # inference mode, as PEFT does
     resumed = PeftModel.from_pretrained(tiny_model(architecture, seed=11), tmp_path, is_trainable=True)
     assert {name for name, param in resumed.named_parameters() if param.requires_grad} == trained
+
+
+def test_loading_trained_weights_against_other_draws_is_refused(tokens, tmp_path):
+    model = get_peft_model(tiny_llama(), poet_peft.ORAConfig(seed=5))
+    model.save_pretrained(tmp_path)
+    checksums = {k: v for k, v in load_file(tmp_path / "adapter_model.safetensors").items() if "checksum" in k}
+    assert len(checksums) == 4 and all(v.dtype == torch.int64 for v in checksums.values())
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace('"seed": 5', '"seed": 6'))  # as if drawn elsewhere
+    with pytest.raises(ValueError, match=r"redrew different Q/K for model\.layers\.0\.self_attn\.q_proj"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 def test_merged_model_loads_in_plain_transformers_with_the_same_logits(tokens, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VOCAB, outputs, tiny_model
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache
 
 from poet_peft.synthesizer import SynthesizedLogits, install_synthesizer, synthesizer_attention
 
@@ -49,6 +50,21 @@ def test_a_future_token_cannot_change_a_past_output(kind, architecture, tokens):
     assert not torch.allclose(before[:, 8:], after[:, 8:])
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["synthesizer_random", "synthesizer_factorized"])
+def test_decoding_with_a_cache_gives_the_full_forward_logits(cache, kind, tokens):
+    # A static cache has more key slots than tokens: the query rows must follow the positions, not the slot count.
+    model = install_synthesizer(tiny_model("llama"), kind, max_length=16)
+    with torch.no_grad():
+        expected = outputs(model, tokens)
+        past = DynamicCache(config=model.config) if cache == "dynamic" else StaticCache(model.config, max_cache_len=16)
+        prompt = model(input_ids=tokens[:, :5], past_key_values=past, use_cache=True)
+        steps = [prompt.logits]
+        for position in range(5, tokens.shape[1]):
+            steps.append(model(input_ids=tokens[:, position : position + 1], past_key_values=past).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_q_and_k_are_removed_and_the_logits_learn_or_stay_fixed(tokens):
     model = install_synthesizer(tiny_model("llama"), "synthesizer_random", max_length=16)
     names = [name for name, _ in model.named_parameters()]
@@ -61,6 +77,22 @@ def test_q_and_k_are_removed_and_the_logits_learn_or_stay_fixed(tokens):
     synthesized = [param for name, param in fixed.named_parameters() if "synthesizer" in name]
     assert [tuple(param.shape) for param in synthesized] == [(4, 16, 16)] * 4  # R1, R2 per layer, k=16
     assert not any(param.requires_grad for param in synthesized)
+
+
+def test_qk_norms_go_with_q_and_k_so_that_every_parameter_still_trains(tokens):
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        num_key_value_heads=2,
+    )
+    model = install_synthesizer(Qwen3ForCausalLM(config), "synthesizer_factorized", max_length=16)
+    assert not any("_norm" in name and "self_attn" in name for name, _ in model.named_parameters())
+    outputs(model, tokens).square().mean().backward()
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in model.parameters())
 
 
 def test_bad_use_is_refused_with_a_clear_error(tokens):

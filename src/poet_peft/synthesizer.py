@@ -34,24 +34,34 @@ class SynthesizedLogits(nn.Module):
             self.left = nn.Parameter(torch.randn(heads, max_length, factor_dim, generator=generator) * scale)
             self.right = nn.Parameter(torch.randn(heads, max_length, factor_dim, generator=generator) * scale)
 
-    def forward(self, query_length: int, key_length: int) -> torch.Tensor:
-        """The (heads, query_length, key_length) logits of the last `query_length` positions against the first keys."""
-        if key_length > self.max_length:
+    def forward(self, positions: torch.Tensor, key_length: int) -> torch.Tensor:
+        """The logits of queries at `positions` (batch, q) against key slots 0…key_length−1: (batch, heads, q, keys)."""
+        longest = max(key_length, int(positions.max()) + 1)
+        if longest > self.max_length:
             raise ValueError(
                 f"Synthesizer attention was built for sequences of at most {self.max_length} tokens and got "
-                f"{key_length}; install it with a larger max_length."
+                f"{longest}; install it with a larger max_length."
             )
-        rows = slice(key_length - query_length, key_length)
         if hasattr(self, "logits"):
-            return self.logits[:, rows, :key_length]
-        return self.left[:, rows] @ self.right[:, :key_length].transpose(-1, -2)
+            logits = self.logits[:, positions, :key_length]
+        else:
+            logits = self.left[:, positions] @ self.right[:, None, :key_length].transpose(-1, -2)
+        return logits.transpose(0, 1)
 
 
 def synthesizer_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Transformers attention function: softmax(synthesized logits + mask)·V; query and key are ignored."""
+    """Transformers attention function: softmax(synthesized logits + mask)·V; query and key are ignored.
+
+    Query rows come from `position_ids` (so a static cache, whose key slots outnumber the tokens, indexes them
+    right); key slot j is taken to be position j, which holds for right-padded and unpadded batches, not for
+    left-padded ones.
+    """
     heads, query_length, key_length = query.shape[1], query.shape[2], value.shape[2]
+    positions = kwargs.get("position_ids")
+    if positions is None:  # no cache: the queries are the last positions of the keys
+        positions = torch.arange(key_length - query_length, key_length, device=value.device)[None]
     precision = torch.promote_types(value.dtype, torch.float32)  # softmax at least in fp32, as eager attention does
-    logits = module.synthesizer(query_length, key_length).to(precision).unsqueeze(0)
+    logits = module.synthesizer(positions, key_length).to(precision)
     if attention_mask is not None:  # the additive causal (and padding) mask from eager_mask
         logits = logits + attention_mask[:, :, :, :key_length].to(precision)
     weights = torch.softmax(logits, dim=-1).to(value.dtype)
@@ -96,6 +106,9 @@ def install_synthesizer(
     for name, module in attention_layers:
         module.q_proj = SkippedProjection(module.q_proj.out_features)
         module.k_proj = SkippedProjection(module.k_proj.out_features)
+        for norm in ("q_norm", "k_norm"):  # Qwen3's and Gemma3's per-head Q/K norms: nothing left to normalise
+            if hasattr(module, norm):
+                setattr(module, norm, nn.Identity())
         generator = seeded_generator(seed, name, kind)
         rank = factor_dim if kind == "synthesizer_factorized" else None
         device = module.v_proj.weight.device

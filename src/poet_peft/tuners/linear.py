@@ -54,6 +54,7 @@ class LinearTuner(BaseTuner):
     """A BaseTuner of Linear/Conv1D layers: default targets per architecture, and injection that is all or nothing."""
 
     method = ""  # the method's name in error messages
+    target_forms = "a list of names or a regex"  # what target_modules accepts, for error messages
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         if peft_config.target_modules is None:
@@ -62,7 +63,7 @@ class LinearTuner(BaseTuner):
                 raise ValueError(
                     f"{type(peft_config).__name__}.target_modules is None and {self.method} has no default targets "
                     f"for model_type={model_type!r} (defaults exist for {', '.join(sorted(self.target_module_mapping))}"
-                    f"). Pass target_modules: a list of names or a regex. This model's Linear/Conv1D layers are "
+                    f"). Pass target_modules: {self.target_forms}. This model's Linear/Conv1D layers are "
                     f"named: {linear_layer_names(self.model)}."
                 )
             peft_config.target_modules = set(self.target_module_mapping[model_type])

@@ -6,6 +6,7 @@ import warnings
 from typing import Optional
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
@@ -15,6 +16,11 @@ from ...ops.seeding import seeded_generator
 from ..linear import LinearWeightMixin
 from .config import ORAConfig
 
+# The draws' checksum is Σ of their float64 entries in units of 2⁻³², kept as an integer so that casting the model to
+# half precision leaves it intact; LAPACKs may differ by rounding, so anything within 2⁻²⁰ counts as the same draw.
+CHECKSUM_UNIT = 2.0**-32
+CHECKSUM_TOLERANCE = 2**12
+
 
 class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
     """A Q or K projection (or a fused [Q; K; V] layer) whose Q and K rows are drawn from a seed.
@@ -22,11 +28,12 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
     The draw is written into the base layer's weight in place and its bias there is zeroed. For a fused layer
     with frozen Q/K, the V rows train as the separate parameters `ora_value_weight` / `ora_value_bias` (a single
     tensor cannot be half frozen), which `merge` writes back into the base weight. `ora_projections` holds the
-    (start, stop) output rows of each drawn projection.
+    (start, stop) output rows of each drawn projection; `ora_draw_checksum` a checksum of the draws, saved with
+    the adapter and compared on load, so that weights trained against other draws never load silently.
     """
 
     adapter_layer_names = ("ora_value_weight", "ora_value_bias")
-    other_param_names = ("ora_config", "ora_projections")
+    other_param_names = ("ora_config", "ora_projections", "ora_draw_checksum")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: ORAConfig, layer_key: str, fused: bool):
         super().__init__()
@@ -37,6 +44,7 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         self.ora_value_bias = nn.ParameterDict()
         self.ora_config: dict[str, ORAConfig] = {}
         self.ora_projections: dict[str, tuple[tuple[int, int], ...]] = {}
+        self.ora_draw_checksum = BufferDict(persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -65,14 +73,31 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         """Write the adapter's Q/K draws into the base weight and zero their bias: the same on every device and rank."""
         config = self.ora_config[adapter_name]
         bias = self.get_base_layer().bias
+        checksum = 0.0
         for start, stop in self.ora_projections[adapter_name]:
             # Drawn in float64 on a CPU generator and only then cast and moved, so that regenerating from the seed
             # reproduces the weights bit for bit wherever the model lives.
             generator = seeded_generator(config.seed, self.layer_key, start)
             draw = random_projection(config.init, stop - start, self.in_features, generator)
+            checksum += draw.sum().item()
             self._write_logical_weight(draw, slice(start, stop))
             if bias is not None:
                 bias[start:stop] = 0
+        device = self.get_base_layer().weight.device
+        self.ora_draw_checksum[adapter_name] = torch.tensor(round(checksum / CHECKSUM_UNIT), device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A saved adapter's V/O/FFN weights were trained against its draws: refuse to pair them with other ones.
+        for name, drawn in self.ora_draw_checksum.items() if self.fixed_parameters() else ():
+            saved = state_dict.get(f"{prefix}ora_draw_checksum.{name}")
+            if saved is not None and abs(int(saved) - int(drawn)) > CHECKSUM_TOLERANCE:
+                raise ValueError(
+                    f"ORA redrew different Q/K for {self.layer_key} than the adapter was trained with (checksum "
+                    f"{int(drawn) * CHECKSUM_UNIT:.9f}, saved {int(saved) * CHECKSUM_UNIT:.9f}). The draws follow the "
+                    "seed and each layer's module path: load the adapter into the same model class it was trained on "
+                    "(e.g. AutoModelForCausalLM, not AutoModel), with a torch whose CPU generator draws the same."
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fixed_parameters(self) -> list[nn.Parameter]:
         """The base layer's parameters that hold frozen Q/K: none when the adapter trains them (trainable_qk)."""
@@ -97,10 +122,14 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         name = split[0]
         stop = self.ora_projections[name][-1][1]
-        weight = torch.cat([self.logical_weight()[:stop], self.ora_value_weight[name]])
+        base_weight = self.logical_weight()
+        # PEFT keeps adapter parameters of a half-precision model in fp32 (its autocast_adapter_dtype): the V rows
+        # train in fp32 and compute in the base layer's dtype.
+        value = self.ora_value_weight[name].to(base_weight.dtype)
+        weight = torch.cat([base_weight[:stop], value])
         bias = self.get_base_layer().bias
         if bias is not None:
-            bias = torch.cat([bias[:stop], self.ora_value_bias[name]])
+            bias = torch.cat([bias[:stop], self.ora_value_bias[name].to(bias.dtype)])
         return self._base_forward_with(x, weight, bias)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -70,13 +70,38 @@ class ORAModel(LinearTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        # Unlike an additive adapter, ORA trains the whole model except the fixed Q/K.
         inference = any(config.inference_mode for config in self.peft_config.values())
+        self._set_trainable(model, not inference)
+
+    @staticmethod
+    def _set_trainable(model: nn.Module, trainable: bool) -> None:
+        # Unlike an additive adapter, ORA trains the whole model except the fixed Q/K.
         for param in model.parameters():
-            param.requires_grad_(not inference)
+            param.requires_grad_(trainable)
         for layer in ora_layers(model):
             for param in layer.fixed_parameters():
                 param.requires_grad_(False)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """Activate the adapter; every parameter but the fixed Q/K trains, or none does with `inference_mode`."""
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._set_trainable(self.model, not inference_mode)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Start or stop training ORA's parameters: the whole model except the fixed Q/K."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"No ORA adapter named {unknown}; this model has {list(self.peft_config)}.")
+        self._set_trainable(self.model, requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Not available for ORA: its draws and trained weights are the model now."""
+        raise ValueError(
+            f"ORA adapter {adapter_name!r} cannot be deleted: it overwrote the Q/K weights in place and its trained "
+            "weights are the rest of the model. merge_and_unload() returns the trained model as a plain "
+            "transformers model; load the base model again for its original Q/K."
+        )
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         if not enabled:

@@ -42,6 +42,7 @@ class POETModel(LinearTuner):
     """The PEFT tuner for POET; `get_peft_model(model, POETConfig(...))` builds it."""
 
     method = "POET"
+    target_forms = "a list of names, a regex, or 'all-linear'"
     prefix = "poet_"
     tuner_layer_cls = POETLinear
     target_module_mapping = DEFAULT_TARGET_MODULES
