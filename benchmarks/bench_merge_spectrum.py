@@ -33,6 +33,7 @@ from poet_peft.ops.spectral import singular_value_drift
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import run_clm  # noqa: E402
+from reporting import publish  # noqa: E402
 
 
 def singular_values(model) -> list[torch.Tensor]:
@@ -173,13 +174,9 @@ def main() -> None:
         lines.append(
             f"| {label} | {jumps.median().item():.2e} | {jumps.max().item():.2e} | {results[mode]['final_loss']:.4f} |"
         )
-    report = "\n".join(lines)
-    print(report)
+    publish("\n".join(lines), args.record)
     if args.plot:
         plot(results, args.plot)
-    if args.record:
-        with args.record.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + report + "\n")
 
 
 if __name__ == "__main__":

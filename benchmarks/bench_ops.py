@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 from peft import get_peft_model
 from peft.tuners.oft.layer import OFTRotationModule
+from reporting import publish
 from tqdm.auto import tqdm
 
 from poet_peft import POETConfig
@@ -223,11 +224,7 @@ def main() -> None:
         f"| {cell(dense)} | {cell(poet_kernels)} | {cell(poet_torch)} | {ratio(poet_kernels, dense)} "
         f"| {ratio(poet_torch, dense)} |",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.record:
-        with args.record.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + report + "\n")
+    publish("\n".join(lines), args.record)
 
 
 if __name__ == "__main__":

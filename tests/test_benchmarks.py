@@ -1,0 +1,34 @@
+"""Benchmarks stay runnable: each one end to end at toy size, offline, checked against known parameter counts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_ora_trains_times_and_records_each_variant(tmp_path):
+    record = tmp_path / "RESULTS.md"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    toy = ["--model_size", "nano", "--steps", "2", "--batch_size", "2", "--block_size", "32"]
+    timing = ["--timing_rounds", "1", "--timing_steps", "1"]
+    variants = ["--variants", "vanilla", "ora", "synthesizer_factorized"]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_ora.py", *toy, *timing, *variants, "--record", str(record)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in record.read_text().splitlines()]
+    table = {row[0]: row[1:] for row in cells if len(row) == 6}
+    # nano: d=64, 2 layers, 2 heads. ORA freezes 2·64²·2 = 16,384 weights; the Synthesizer swaps Q/K (16,384) for
+    # R1, R2 of 2 heads × 32 positions × 16 per layer (4,096).
+    assert table["vanilla"][1:] == ["+0.0%", table["vanilla"][2], "1.000", "1,149,248 of 1,149,248"]
+    assert table["ora"][4] == "1,132,864 of 1,149,248"
+    assert table["synthesizer_factorized"][4] == "1,136,960 of 1,136,960"
+    assert all(float(row[0]) > 1 and float(row[3]) > 0 for row in map(table.get, ["ora", "synthesizer_factorized"]))
