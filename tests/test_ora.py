@@ -241,6 +241,10 @@ def test_loading_trained_weights_against_other_draws_is_refused(tokens, tmp_path
     config_file.write_text(config_file.read_text().replace('"seed": 5', '"seed": 6'))  # as if drawn elsewhere
     with pytest.raises(ValueError, match=r"redrew different Q/K for model\.layers\.0\.self_attn\.q_proj"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    config_file.write_text(config_file.read_text().replace('"seed": 6', '"seed": 5'))
+    with pytest.raises(ValueError, match=r"no draw for layers\.0\.self_attn\.q_proj.*same model class"):
+        PeftModel.from_pretrained(tiny_llama().model, tmp_path)  # the bare LlamaModel: paths lack "model."
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path)  # and the right class loads
 
 
 def test_merged_model_loads_in_plain_transformers_with_the_same_logits(tokens, tmp_path):

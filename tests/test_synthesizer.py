@@ -79,6 +79,18 @@ def test_q_and_k_are_removed_and_the_logits_learn_or_stay_fixed(tokens):
     assert not any(param.requires_grad for param in synthesized)
 
 
+@pytest.mark.parametrize("kind", ["synthesizer_random", "synthesizer_factorized"])
+def test_packed_sequences_attend_as_if_each_ran_alone(kind):
+    # Transformers masks packed sequences (restarting position_ids) block-diagonally; the logits must restart too.
+    model = install_synthesizer(tiny_model("llama"), kind, max_length=16)
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[*range(5), *range(6)]])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([outputs(model, ids[:, :5]), outputs(model, ids[:, 5:])], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
 def test_qk_norms_go_with_q_and_k_so_that_every_parameter_still_trains(tokens):
     config = Qwen3Config(
         vocab_size=VOCAB,

@@ -34,34 +34,36 @@ class SynthesizedLogits(nn.Module):
             self.left = nn.Parameter(torch.randn(heads, max_length, factor_dim, generator=generator) * scale)
             self.right = nn.Parameter(torch.randn(heads, max_length, factor_dim, generator=generator) * scale)
 
-    def forward(self, positions: torch.Tensor, key_length: int) -> torch.Tensor:
-        """The logits of queries at `positions` (batch, q) against key slots 0…key_length−1: (batch, heads, q, keys)."""
-        longest = max(key_length, int(positions.max()) + 1)
-        if longest > self.max_length:
-            raise ValueError(
-                f"Synthesizer attention was built for sequences of at most {self.max_length} tokens and got "
-                f"{longest}; install it with a larger max_length."
-            )
+    def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """Logits between queries and keys at positions (batch or 1, q) and (batch or 1, k): (batch, heads, q, k)."""
         if hasattr(self, "logits"):
-            logits = self.logits[:, positions, :key_length]
+            logits = self.logits[:, query_positions[:, :, None], key_positions[:, None, :]]
         else:
-            logits = self.left[:, positions] @ self.right[:, None, :key_length].transpose(-1, -2)
+            logits = self.left[:, query_positions] @ self.right[:, key_positions].transpose(-1, -2)
         return logits.transpose(0, 1)
 
 
 def synthesizer_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Transformers attention function: softmax(synthesized logits + mask)·V; query and key are ignored.
 
-    Query rows come from `position_ids` (so a static cache, whose key slots outnumber the tokens, indexes them
-    right); key slot j is taken to be position j, which holds for right-padded and unpadded batches, not for
-    left-padded ones.
+    Rows and columns follow `position_ids`, so packed sequences restart at row 0. With a cache, the keys are its
+    slots and slot j is taken to be position j: right for dynamic and static caches on unpadded or right-padded
+    batches, not for left-padded ones.
     """
     heads, query_length, key_length = query.shape[1], query.shape[2], value.shape[2]
+    max_length = module.synthesizer.max_length
+    if key_length > max_length:  # a static size: checking it costs no device sync
+        raise ValueError(
+            f"Synthesizer attention was built for sequences of at most {max_length} tokens and got {key_length}; "
+            "install it with a larger max_length."
+        )
     positions = kwargs.get("position_ids")
-    if positions is None:  # no cache: the queries are the last positions of the keys
-        positions = torch.arange(key_length - query_length, key_length, device=value.device)[None]
+    slots = torch.arange(key_length, device=value.device)[None]
+    if positions is None:
+        positions = slots[:, key_length - query_length :]
+    key_positions = positions if query_length == key_length else slots  # no cache: the keys are these tokens
     precision = torch.promote_types(value.dtype, torch.float32)  # softmax at least in fp32, as eager attention does
-    logits = module.synthesizer(positions, key_length).to(precision)
+    logits = module.synthesizer(positions, key_positions).to(precision)
     if attention_mask is not None:  # the additive causal (and padding) mask from eager_mask
         logits = logits + attention_mask[:, :, :, :key_length].to(precision)
     weights = torch.softmax(logits, dim=-1).to(value.dtype)

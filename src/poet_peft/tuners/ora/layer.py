@@ -86,18 +86,20 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         device = self.get_base_layer().weight.device
         self.ora_draw_checksum[adapter_name] = torch.tensor(round(checksum / CHECKSUM_UNIT), device=device)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A saved adapter's V/O/FFN weights were trained against its draws: refuse to pair them with other ones.
-        for name, drawn in self.ora_draw_checksum.items() if self.fixed_parameters() else ():
-            saved = state_dict.get(f"{prefix}ora_draw_checksum.{name}")
-            if saved is not None and abs(int(saved) - int(drawn)) > CHECKSUM_TOLERANCE:
-                raise ValueError(
+    def draw_mismatch(self, saved_checksums: dict[str, Optional[torch.Tensor]]) -> Optional[str]:
+        """Why saved draw checksums (by adapter, None where absent) do not fit this layer's draws; None if they do."""
+        if not self.fixed_parameters():  # trained Q/K are saved and loaded: the draw was only their init
+            return None
+        for name, saved in saved_checksums.items():
+            drawn = int(self.ora_draw_checksum[name])
+            if saved is None:
+                return f"the adapter has no draw for {self.layer_key}"
+            if abs(int(saved) - drawn) > CHECKSUM_TOLERANCE:
+                return (
                     f"ORA redrew different Q/K for {self.layer_key} than the adapter was trained with (checksum "
-                    f"{int(drawn) * CHECKSUM_UNIT:.9f}, saved {int(saved) * CHECKSUM_UNIT:.9f}). The draws follow the "
-                    "seed and each layer's module path: load the adapter into the same model class it was trained on "
-                    "(e.g. AutoModelForCausalLM, not AutoModel), with a torch whose CPU generator draws the same."
+                    f"{drawn * CHECKSUM_UNIT:.9f}, saved {int(saved) * CHECKSUM_UNIT:.9f})"
                 )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return None
 
     def fixed_parameters(self) -> list[nn.Parameter]:
         """The base layer's parameters that hold frozen Q/K: none when the adapter trains them (trainable_qk)."""

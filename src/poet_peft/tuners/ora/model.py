@@ -118,6 +118,26 @@ class ORAModel(LinearTuner):
             "the trained model as a plain transformers model."
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A saved adapter's V/O/FFN weights were trained against its draws: refuse to pair them with other ones. Only
+        # this module sees every key (torch hands each child its own), hence the check here rather than per layer.
+        if any("ora_draw_checksum" in key for key in state_dict):
+            for name, layer in self.model.named_modules():
+                if not isinstance(layer, ORALinear):
+                    continue
+                saved = {
+                    adapter: state_dict.get(f"{prefix}model.{name}.ora_draw_checksum.{adapter}")
+                    for adapter in layer.ora_draw_checksum
+                }
+                problem = layer.draw_mismatch(saved)
+                if problem:
+                    raise ValueError(
+                        f"{problem}. The draws follow the seed and each layer's module path: load the adapter into "
+                        "the same model class it was trained on (e.g. AutoModelForCausalLM, not AutoModel), with a "
+                        "torch whose CPU generator draws the same."
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         # Everything that trained, which is everything except the Q/K that the seed regenerates.
