@@ -76,13 +76,12 @@ def train_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict:
 def step_seconds(args: argparse.Namespace, names: list[str]) -> dict[str, float]:
     """Median seconds per training step of each variant, measured in alternating rounds on one batch."""
     torch.manual_seed(args.seed)
+    shared_args = run_clm.parse_args(common_flags(args))
+    tokenizer = run_clm.load_tokenizer(shared_args, run_clm.load_raw_splits(shared_args)[0])
+    batch = torch.randint(len(tokenizer), (args.batch_size, args.block_size))
     runs = {}
     for name in names:
         clm_args = run_clm.parse_args([*common_flags(args), *VARIANTS[name]])
-        if name == names[0]:
-            train_split, _ = run_clm.load_raw_splits(clm_args)
-            tokenizer = run_clm.load_tokenizer(clm_args, train_split)
-            batch = torch.randint(len(tokenizer), (args.batch_size, args.block_size))
         method = run_clm.METHODS[clm_args.method]
         model = method.wrap(run_clm.build_model(clm_args, tokenizer), clm_args).train()
         optimizer = torch.optim.AdamW(method.param_groups(model, clm_args), eps=1e-6)

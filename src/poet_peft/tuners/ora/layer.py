@@ -93,7 +93,7 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         for name, saved in saved_checksums.items():
             drawn = int(self.ora_draw_checksum[name])
             if saved is None:
-                return f"the adapter has no draw for {self.layer_key}"
+                return f"The adapter has no draw for {self.layer_key}"
             if abs(int(saved) - drawn) > CHECKSUM_TOLERANCE:
                 return (
                     f"ORA redrew different Q/K for {self.layer_key} than the adapter was trained with (checksum "

@@ -122,14 +122,12 @@ class ORAModel(LinearTuner):
         # A saved adapter's V/O/FFN weights were trained against its draws: refuse to pair them with other ones. Only
         # this module sees every key (torch hands each child its own), hence the check here rather than per layer.
         if any("ora_draw_checksum" in key for key in state_dict):
-            for name, layer in self.model.named_modules():
-                if not isinstance(layer, ORALinear):
-                    continue
-                saved = {
-                    adapter: state_dict.get(f"{prefix}model.{name}.ora_draw_checksum.{adapter}")
-                    for adapter in layer.ora_draw_checksum
-                }
-                problem = layer.draw_mismatch(saved)
+            layers = ((name, layer) for name, layer in self.model.named_modules() if isinstance(layer, ORALinear))
+            for name, layer in layers:
+                key = f"{prefix}model.{name}.ora_draw_checksum."
+                problem = layer.draw_mismatch(
+                    {adapter: state_dict.get(key + adapter) for adapter in layer.ora_draw_checksum}
+                )
                 if problem:
                     raise ValueError(
                         f"{problem}. The draws follow the seed and each layer's module path: load the adapter into "
