@@ -68,7 +68,7 @@ def run(orthogonalize: bool, data: torch.Tensor, held_out: torch.Tensor, clm_arg
         seed=args.seed,
     )
     model = get_peft_model(run_clm.build_model(clm_args, tokenizer), config)
-    optimizer = torch.optim.AdamW(poet_peft.param_groups(model, args.lr, args.poet_lr, 0.01), eps=1e-6)
+    optimizer = torch.optim.AdamW(poet_peft.create_param_groups(model, args.lr, 0.01, poet_lr=args.poet_lr), eps=1e-6)
     initial = singular_values(model)
     generator = torch.Generator().manual_seed(args.seed)
     drift, jumps, skew_norms = [], [], []

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a LLaMA-style causal language model from scratch with AdamW, POET or ORA, under Accelerate.
+"""Pretrain a LLaMA-style causal language model from scratch with AdamW, POET, ORA or spectral LoRA, under Accelerate.
 
 In the spirit of Transformers' run_clm_no_trainer.py. With no data flags it trains on the bundled Wikipedia
 summaries, offline; `--dataset_name allenai/c4 --dataset_config_name en --streaming` is the paper's setting.
@@ -9,6 +9,7 @@ summaries, offline; `--dataset_name allenai/c4 --dataset_config_name en --stream
         --dataset_name allenai/c4 --dataset_config_name en --streaming --max_train_steps 10000
     accelerate launch examples/run_clm.py --method ora                     # frozen random orthogonal Q/K
     accelerate launch examples/run_clm.py --method adamw --attention synthesizer_random   # ORA's baseline
+    accelerate launch examples/run_clm.py --method adamw --e4 svd --target_perplexity 300  # seed 002's E4
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ MODEL_SIZES = {
 }
 # Outside the transformer-block linears everything trains in full with AdamW at the base lr, as in the paper.
 TRAINED_IN_FULL = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"]
+BLOCK_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
@@ -79,6 +81,19 @@ def parse_block(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--block {text!r}: use an integer b ≥ 2 (bs) or a fraction in (0, 1] (fs)")
     return int(value) if value.denominator == 1 else float(value)
+
+
+def parse_sigma_max(text: str) -> Optional[float]:
+    """The spectral-LoRA clamp constant c > 0, or None for "none"."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--lora_sigma_max {text!r}: use a number > 0 (seed 002: 0.7) or none")
+    return value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -132,6 +147,41 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--ora_init", choices=["orthogonal", "gaussian"], default="orthogonal", help="ORA's Q/K draw (A1: gaussian)"
     )
     method.add_argument("--ora_trainable_qk", action="store_true", help="train ORA's Q/K from the draw (A2)")
+    method.add_argument("--lora_r", type=int, default=8, help="spectral LoRA rank r")
+    method.add_argument("--lora_alpha", type=float, default=8.0, help="spectral LoRA scale: the branch is × alpha/r")
+    method.add_argument("--lora_magnitude", choices=["scalar", "vector"], default="scalar", help="m per layer or row")
+    method.add_argument(
+        "--lora_sigma_max", type=parse_sigma_max, default=0.7, help='clamp c: σ_max(ΔW) ≤ c/√d_in ("none": off)'
+    )
+    method.add_argument(
+        "--lora_backbone",
+        choices=["pretrained", "frozen_random", "zero"],
+        default="frozen_random",
+        help="W beside the branch: the model's own init frozen, redrawn N(0, 1/d_in) and frozen (#1), or 0 (#2)",
+    )
+    method.add_argument("--magnitude_lr_ratio", type=float, default=10.0, help="lr × this for the magnitudes m")
+
+    e4 = parser.add_argument_group("E4 and stable directions (seed 002, with --method adamw)")
+    e4.add_argument(
+        "--e4",
+        choices=["none", "svd", "random", "global"],
+        default="none",
+        help="after --e4_warmup_steps: svd = E4 split W = R + U·C·Vᵀ, random = B2 (random U, V), global = B1 "
+        "(the targets' whole lr × --e4_lr_ratio), none = B0",
+    )
+    e4.add_argument("--e4_warmup_steps", type=int, default=100, help="optimizer steps before the split (or B1's lr)")
+    e4.add_argument("--e4_rank", type=int, default=8, help="k of the split")
+    e4.add_argument("--e4_lr_ratio", type=float, default=10.0, help="lr × this for C (svd, random) or the targets")
+    e4.add_argument(
+        "--principal_targets", default=BLOCK_LINEARS, help="comma-separated Linear names for --e4 and --track_*"
+    )
+    e4.add_argument(
+        "--track_directions_every", type=int, default=0, help="top-k SVD of the targets' Adam momentum every N steps"
+    )
+    e4.add_argument("--track_topk", type=int, default=8, help="k of the tracked subspace")
+    e4.add_argument(
+        "--track_amplify", type=float, default=1.0, help="variant 3B: gradient inside the tracked subspace × this"
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -145,6 +195,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     train.add_argument("--num_warmup_steps", type=int, default=0)
     train.add_argument("--min_lr_ratio", type=float, default=0.01, help="the cosine schedule ends at lr × this")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--target_perplexity", type=float, help="report time-to-X: steps, tokens and seconds to this validation ppl"
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="out/run_clm")
@@ -186,6 +239,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         "max_train_steps",
         "merge_every",
         "synthesizer_factor_dim",
+        "lora_r",
+        "e4_warmup_steps",
+        "e4_rank",
+        "track_topk",
     ):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -202,6 +259,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.synthesizer_fixed and args.attention == "default":
         parser.error("--synthesizer_fixed applies to --attention synthesizer_random or synthesizer_factorized")
+    if (args.e4 != "none" or args.track_directions_every) and args.method != "adamw":
+        parser.error("--e4 and --track_directions_every act on the plain model's Linear layers: use --method adamw")
+    if args.track_directions_every < 0 or args.track_amplify <= 0:
+        parser.error("--track_directions_every takes N ≥ 0 (0: off) and --track_amplify a factor > 0")
+    if args.track_amplify != 1.0 and not args.track_directions_every:
+        parser.error("--track_amplify (variant 3B) needs --track_directions_every N to find the subspace")
+    for name in ("e4_lr_ratio", "magnitude_lr_ratio", "lora_alpha"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} {getattr(args, name)}: use a value > 0")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -397,14 +463,12 @@ class Method:
     step_hooks: Callable[[torch.nn.Module, torch.optim.Optimizer], object]
 
 
-def adamw_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
-    """Matrices decayed, vectors (norms, biases) not, all at the base lr."""
-    params = [param for param in model.parameters() if param.requires_grad]
-    groups = [
-        {"params": [param for param in params if param.ndim >= 2], "weight_decay": args.weight_decay},
-        {"params": [param for param in params if param.ndim < 2], "weight_decay": 0.0},
-    ]
-    return [dict(group, lr=base_learning_rate(args)) for group in groups if group["params"]]
+def param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """poet_peft's groups: matrices decayed, vectors not, POET's Q and spectral-LoRA magnitudes at their own lr."""
+    poet_lr = poet_learning_rate(args, args.block) if args.method == "poet" else None
+    return poet_peft.create_param_groups(
+        model, base_learning_rate(args), args.weight_decay, args.magnitude_lr_ratio, poet_lr, args.e4_lr_ratio
+    )
 
 
 def poet_block(args: argparse.Namespace, model: torch.nn.Module) -> float:
@@ -442,22 +506,80 @@ def wrap_ora(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Modul
     return get_peft_model(model, config)
 
 
-def poet_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
-    """Q at the POET lr without decay; embeddings, norms and lm_head at the base lr."""
-    return poet_peft.param_groups(
-        model, base_learning_rate(args), poet_learning_rate(args, args.block), args.weight_decay
+def wrap_spectral_lora(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """Spectral LoRA on every transformer-block linear beside a frozen backbone; the rest trains in full."""
+    config = poet_peft.SpectralLoRAConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        magnitude=args.lora_magnitude,
+        sigma_max=args.lora_sigma_max,
+        backbone=args.lora_backbone,
+        modules_to_save=TRAINED_IN_FULL,
+        seed=args.seed,
     )
+    return get_peft_model(model, config)
+
+
+class SpectralClampHooks(NoStepHooks):
+    """Clamp σ_max(ΔW) after every optimizer step, timing it and keeping the largest σ/bound seen before a clamp."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.seconds = 0.0
+        self.steps = 0
+        self.worst_ratio = 0.0
+
+    def after_step(self, step: int) -> bool:
+        """Clamp; says whether any branch was over its bound."""
+        start = time.perf_counter()
+        ratio = poet_peft.clamp_spectral_norms(self.model)
+        self.seconds += time.perf_counter() - start
+        self.steps += 1
+        self.worst_ratio = max(self.worst_ratio, ratio)
+        return ratio > 1
+
+    def metrics(self) -> dict:
+        """Clamp cost per step (ms) and the largest σ_max(ΔW)/bound met before clamping, since the last call."""
+        record = {"train/clamp_ms": 1000 * self.seconds / max(self.steps, 1), "train/clamp_ratio_max": self.worst_ratio}
+        self.seconds, self.steps, self.worst_ratio = 0.0, 0, 0.0
+        return record
 
 
 METHODS = {
-    "adamw": Method(
-        wrap=lambda model, args: model,
-        param_groups=adamw_param_groups,
-        step_hooks=lambda model, optimizer: NoStepHooks(),
-    ),
-    "poet": Method(wrap=wrap_poet, param_groups=poet_param_groups, step_hooks=poet_peft.MergeSchedule),
-    "ora": Method(wrap=wrap_ora, param_groups=adamw_param_groups, step_hooks=lambda model, optimizer: NoStepHooks()),
+    "adamw": Method(wrap=lambda model, args: model, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
+    "poet": Method(wrap=wrap_poet, param_groups=param_groups, step_hooks=poet_peft.MergeSchedule),
+    "ora": Method(wrap=wrap_ora, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
+    "spectral_lora": Method(wrap=wrap_spectral_lora, param_groups=param_groups, step_hooks=SpectralClampHooks),
 }
+
+
+class PrincipalSwitch:
+    """Seed 002's E4 and its controls, once --e4_warmup_steps optimizer steps are done.
+
+    svd (E4) and random (B2) split every target W into R + U·C·Vᵀ and give the cores C the lr × --e4_lr_ratio;
+    global (B1) gives the targets' whole weights that lr instead; none (B0) does nothing.
+    """
+
+    def __init__(self, args: argparse.Namespace, model, optimizer, lr_scheduler):
+        self.args, self.model, self.optimizer, self.lr_scheduler = args, model, optimizer, lr_scheduler
+        self.targets = args.principal_targets.split(",")
+
+    def due(self, step: int) -> bool:
+        """Whether the switch happens right after optimizer step `step`."""
+        return self.args.e4 != "none" and step == self.args.e4_warmup_steps
+
+    def apply(self) -> dict:
+        """Split or re-weight the targets now; returns what to log."""
+        args, lr = self.args, base_learning_rate(self.args) * self.args.e4_lr_ratio
+        if args.e4 == "global":
+            weights = [linear.weight for _, linear in poet_peft.matching_linears(self.model, self.targets)]
+            group = {"name": "e4_global", "params": weights, "lr": lr, "weight_decay": args.weight_decay}
+        else:
+            poet_peft.extract_principal(self.model, args.e4_rank, self.targets, args.e4, seed=args.seed)
+            group = {"name": "principal_core", "params": poet_peft.principal_cores(self.model), "lr": lr}
+            group["weight_decay"] = 0.0
+        poet_peft.add_param_group(self.optimizer, group, self.lr_scheduler)
+        return {"e4/switched_layers": len(group["params"])}
 
 
 def parameter_summary(model: torch.nn.Module) -> str:
@@ -677,13 +799,32 @@ def train(args: argparse.Namespace) -> dict:
         model, optimizer, train_loader, eval_loader, lr_scheduler
     )
     hooks = method.step_hooks(model, optimizer)
+    plain_model = accelerator.unwrap_model(model)
+    switch = PrincipalSwitch(args, plain_model, optimizer, lr_scheduler)
+    if args.e4 in ("svd", "random") and accelerator.num_processes > 1:
+        raise ValueError(
+            f"--e4 {args.e4} adds parameters mid-run, which DDP cannot take on: run it in one process, or use "
+            "--e4 global (B1)."
+        )
+    directions = None
+    if args.track_directions_every:
+        directions = poet_peft.StableDirections(
+            plain_model,
+            optimizer,
+            args.principal_targets.split(","),
+            args.track_topk,
+            args.track_directions_every,
+            args.track_amplify,
+        )
 
-    position = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0}
+    position = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_seconds": 0.0}
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
         accelerator.print(f"Resuming from {checkpoint}")
+        position = {**position, **json.loads((checkpoint / TRAINING_STATE).read_text())}
+        if args.e4 != "none" and position["completed_steps"] >= args.e4_warmup_steps:
+            switch.apply()  # the checkpoint holds the switched model and optimizer: rebuild their shape first
         accelerator.load_state(str(checkpoint))
-        position = json.loads((checkpoint / TRAINING_STATE).read_text())
     resume_step = position["completed_steps"] if args.resume_from_checkpoint else None
     metrics_log = MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step, args.report_to != "none")
     if args.report_to != "none":
@@ -732,10 +873,17 @@ def train(args: argparse.Namespace) -> dict:
             position["tokens"] += tokens_per_step
             step = position["completed_steps"]
             hooks.after_step(step)
+            if switch.due(step):
+                metrics_log.log(switch.apply(), step)
+            if directions is not None:
+                measured = directions.after_step(step)
+                if measured:
+                    metrics_log.log({**measured, **poet_peft.summarize_directions(measured)}, step)
             seconds = time.perf_counter() - step_start
             window["steps"] += 1
             window["seconds"] += seconds
             train_seconds += seconds
+            position["train_seconds"] += seconds
             session_tokens += tokens_per_step
             progress.update(1)
 
@@ -747,12 +895,22 @@ def train(args: argparse.Namespace) -> dict:
                     "train/tokens": position["tokens"],
                     "train/tokens_per_second": window["steps"] * tokens_per_step / window["seconds"],
                 }
+                if isinstance(hooks, SpectralClampHooks):
+                    record.update(hooks.metrics())
                 metrics_log.log(record, step)
                 progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['train/tokens_per_second']:,.0f}")
                 window = {"loss": window["loss"].zero_(), "steps": 0, "seconds": 0.0}
             if step % args.eval_steps == 0 or step == max_train_steps:
                 last_eval = evaluate(model, eval_loader, accelerator)
                 metrics_log.log(last_eval, step)
+                reached = args.target_perplexity and last_eval["eval/perplexity"] <= args.target_perplexity
+                if reached and "time_to_target" not in position:
+                    position["time_to_target"] = {
+                        "time_to_target/steps": step,
+                        "time_to_target/tokens": position["tokens"],
+                        "time_to_target/seconds": position["train_seconds"],
+                    }
+                    metrics_log.log(position["time_to_target"], step)
                 if accelerator.is_local_main_process:
                     progress.write(
                         f"step {step}: validation loss {last_eval['eval/loss']:.4f}, "
@@ -768,6 +926,8 @@ def train(args: argparse.Namespace) -> dict:
             position["batches_in_epoch"] = 0
     progress.close()
     summary = {**(last_eval or {}), "steps": position["completed_steps"], "tokens": position["tokens"]}
+    if args.target_perplexity:  # None where the target was not reached
+        summary.update(position.get("time_to_target", {"time_to_target/steps": None}))
     if train_seconds:
         summary["train/tokens_per_second"] = session_tokens / train_seconds
     return {
@@ -785,6 +945,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     run = train(parse_args(argv))
     accelerator, output_dir = run["accelerator"], run["output_dir"]
     accelerator.wait_for_everyone()
+    poet_peft.fold_principal(accelerator.unwrap_model(run["model"]))  # E4's R + U·C·Vᵀ back into plain Linears
     state_dict = accelerator.get_state_dict(run["model"])  # a collective under FSDP: every rank takes part
     if accelerator.is_main_process:
         print(json.dumps(run["summary"], indent=2))

@@ -79,7 +79,7 @@ def test_loss_is_continuous_across_a_merge(orthogonalize, neumann_terms, toleran
     # orthogonalised fold of a Neumann R moves it by O(‖Q‖⁴): small at the paper's POET lr.
     config = POETConfig(block=16, merge_orthogonalize=orthogonalize, neumann_terms=neumann_terms)
     model = get_peft_model(byte_llama(), config)
-    optimizer = torch.optim.AdamW(poet_peft.param_groups(model, 1e-3, 1e-3))
+    optimizer = torch.optim.AdamW(poet_peft.create_param_groups(model, 1e-3, poet_lr=1e-3))
     batches = text_batches(8, 64)
     train_steps(model, optimizer, batches, 20)
     held_out = next(batches)
@@ -102,7 +102,7 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_merge_resets_the_optimizer_state_of_exactly_the_q_parameters(name, accelerate):
     model = get_peft_model(byte_llama(), POETConfig(block=16, modules_to_save=["lm_head"]))
-    optimizer = OPTIMIZERS[name](poet_peft.param_groups(model, 1e-3, 1e-3))
+    optimizer = OPTIMIZERS[name](poet_peft.create_param_groups(model, 1e-3, poet_lr=1e-3))
     if accelerate:
         model, optimizer = Accelerator(cpu=True).prepare(model, optimizer)
     batches = text_batches(4, 32)
@@ -169,7 +169,7 @@ def test_orthogonalized_merges_keep_the_spectrum_through_500_merges_of_training(
     initial = [torch.linalg.svdvals(layer.logical_weight().double()) for layer in poet_peft.poet_layers(model)]
     skew_norms = []
     for candidate, merges in ((model, 500), (twin, 100)):
-        optimizer = torch.optim.AdamW(poet_peft.param_groups(candidate, 1e-3, 2e-2))
+        optimizer = torch.optim.AdamW(poet_peft.create_param_groups(candidate, 1e-3, poet_lr=2e-2))
         batches = text_batches(4, 32)
         for _ in range(merges):
             train_steps(candidate, optimizer, batches, 2)

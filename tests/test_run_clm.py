@@ -208,6 +208,77 @@ def small_corpus(path: Path, documents: int, skip: int = 0) -> Path:
     return path
 
 
+def test_spectral_lora_pretraining_learns_with_its_branches_clamped(cache, tmp_path):
+    flags = [*NANO, "--method", "spectral_lora", "--max_train_steps", "60", "--learning_rate", "3e-2"]
+    result = run_script(
+        cache, tmp_path, *flags, "--logging_steps", "5", "--eval_steps", "30", "--checkpointing_steps", "60"
+    )
+    records = metrics(tmp_path)
+    assert_learns(records)
+    # The frozen backbone, 2 layers × (4·64² for q, k, v, o + 3·64·176 for gate, up, down), is all that is frozen.
+    assert "frozen: 100,352" in result.stdout
+    ratios = [value for _, value in series(records, "train/clamp_ratio_max")]
+    assert max(ratios) > 1  # the clamp had work to do at this lr
+    assert all(value > 0 for _, value in series(records, "train/clamp_ms"))
+    # The checkpoint's branches sit within c/√d_in.
+    state = load_file(tmp_path / "checkpoints" / "step_60" / "model.safetensors")
+    for key in [key for key in state if key.endswith("spectral_lora_A.default")]:
+        stem = key.removesuffix("spectral_lora_A.default")
+        delta = state[stem + "spectral_lora_magnitude.default"].double().unsqueeze(1) * (
+            state[stem + "spectral_lora_B.default"].double() @ state[key].double()
+        )
+        assert torch.linalg.svdvals(delta)[0].item() <= 0.7 / state[key].shape[1] ** 0.5 * (1 + 1e-6)
+    from transformers import AutoModelForCausalLM
+
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), torch.nn.Module)
+
+
+def test_e4_switch_resumes_exactly_and_exports_a_plain_model(cache, tmp_path):
+    corpus = small_corpus(tmp_path / "corpus.jsonl", 60)
+    flags = [
+        *NANO, "--block_size", "64", "--train_file", str(corpus), "--method", "adamw", "--max_train_steps", "12",
+        "--e4", "svd", "--e4_warmup_steps", "5", "--e4_rank", "4", "--checkpointing_steps", "8",
+        "--logging_steps", "1", "--eval_steps", "6", "--target_perplexity", "100000",
+    ]  # fmt: skip
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    result = run_script(cache, uninterrupted, *flags)
+    records = metrics(uninterrupted)
+    assert series(records, "e4/switched_layers") == [(5, 14)]
+    assert series(records, "time_to_target/steps") == [(6, 6)]  # reached at the first evaluation
+    assert '"time_to_target/steps": 6' in result.stdout
+    # Resume from the step-8 checkpoint, taken after the switch: the model and optimizer are rebuilt split first.
+    checkpoint = uninterrupted / "checkpoints" / "step_8"
+    result = run_script(cache, interrupted, *flags, "--resume_from_checkpoint", str(checkpoint))
+    resumed = metrics(interrupted)
+    assert series(resumed, "train/loss") == [(step, loss) for step, loss in series(records, "train/loss") if step > 8]
+    assert '"time_to_target/steps": 6' in result.stdout  # reached before the checkpoint, remembered by it
+    final = load_file(interrupted / "model" / "model.safetensors")
+    reference = load_file(uninterrupted / "model" / "model.safetensors")
+    assert final.keys() == reference.keys() and not any("core" in key or "principal" in key for key in final)
+    assert all(torch.equal(final[name], reference[name]) for name in reference)
+
+
+@pytest.mark.parametrize("mode", ["global", "random"])
+def test_e4_controls_switch_at_the_end_of_warm_up(cache, tmp_path, mode):
+    flags = [*NANO, "--block_size", "64", "--method", "adamw", "--max_train_steps", "6", "--e4", mode]
+    run_script(cache, tmp_path, *flags, "--e4_warmup_steps", "3", "--logging_steps", "1", "--eval_steps", "6")
+    records = metrics(tmp_path)
+    # B1 moves the 14 target weights into a group at lr × 10; B2 adds their 14 cores.
+    assert series(records, "e4/switched_layers") == [(3, 14)]
+    lrs = dict(series(records, "train/lr"))
+    assert lrs[4] < lrs[3]  # the base lr keeps following its cosine schedule
+
+
+def test_stable_directions_are_tracked_and_amplified(cache, tmp_path):
+    flags = [*NANO, "--block_size", "64", "--method", "adamw", "--max_train_steps", "8", "--logging_steps", "4"]
+    run_script(cache, tmp_path, *flags, "--track_directions_every", "4", "--track_topk", "4", "--track_amplify", "3")
+    records = [record for record in metrics(tmp_path) if "stable/p" in record]
+    assert [record["step"] for record in records] == [4, 8]
+    assert 0 < records[0]["stable/p"] <= 1 and "stable/cos_u_mean" in records[1]
+    per_module = [key for key in records[1] if key.startswith("stable/model.layers.0.self_attn.q_proj/")]
+    assert {key.rpartition("/")[2] for key in per_module} >= {"p", "p_prev", "cos_u_mean", "cos_v_mean"}
+
+
 def test_killed_run_resumes_exactly_on_the_uninterrupted_loss_curve(cache, tmp_path):
     # 60 documents make ~19 optimizer steps per epoch, so the run crosses epochs; accumulation splits steps.
     corpus = small_corpus(tmp_path / "corpus.jsonl", 60)
@@ -349,7 +420,16 @@ def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
         (["--streaming"], "--streaming applies to --dataset_name only"),
         (["--dataset_name", "allenai/c4", "--streaming"], "pass --max_train_steps"),
         (["--dataset_name", "x", "--train_file", "y.txt"], "either --dataset_name or --train_file"),
-        (["--method", "sgd"], "invalid choice: 'sgd' (choose from 'adamw', 'ora', 'poet')"),
+        (["--method", "sgd"], "invalid choice: 'sgd' (choose from 'adamw', 'ora', 'poet', 'spectral_lora')"),
+        (
+            ["--e4", "svd"],
+            "--e4 and --track_directions_every act on the plain model's Linear layers: use --method adamw",
+        ),
+        (["--method", "adamw", "--e4", "pca"], "invalid choice: 'pca' (choose from 'none', 'svd', 'random', 'global')"),
+        (["--method", "adamw", "--track_amplify", "2"], "--track_amplify (variant 3B) needs --track_directions_every"),
+        (["--lora_sigma_max", "-1"], "--lora_sigma_max '-1': use a number > 0 (seed 002: 0.7) or none"),
+        (["--lora_backbone", "random"], "invalid choice: 'random' (choose from 'pretrained', 'frozen_random', 'zero')"),
+        (["--method", "adamw", "--e4_lr_ratio", "0"], "--e4_lr_ratio 0.0: use a value > 0"),
         (["--attention", "synthesizer_random"], "removes Q and K, which --method poet needs: use --method adamw"),
         (["--method", "adamw", "--synthesizer_fixed"], "--synthesizer_fixed applies to --attention synthesizer_"),
         (["--ora_init", "uniform"], "invalid choice: 'uniform' (choose from 'orthogonal', 'gaussian')"),

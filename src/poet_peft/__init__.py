@@ -1,17 +1,43 @@
 """poet-peft: orthogonal reparameterised training (POET) and its relatives as Hugging Face PEFT tuners.
 
-`import poet_peft` registers the PEFT types POET and ORA; from then on `get_peft_model(model, POETConfig(...))`,
-`PeftModel.from_pretrained` and the rest of PEFT's API work with them.
+`import poet_peft` registers the PEFT types POET, ORA and SPECTRAL_LORA; from then on
+`get_peft_model(model, POETConfig(...))`, `PeftModel.from_pretrained` and the rest of PEFT's API work with them.
 """
 
 from .registry import register_tuner
 from .tuners.ora import ORAConfig, ORALinear, ORAModel, ora_layers
 from .tuners.poet import POETConfig, POETLinear, POETModel, poet_layers, poet_parameters
+from .tuners.spectral_lora import (
+    SpectralLoRAConfig,
+    SpectralLoRALinear,
+    SpectralLoRAModel,
+    magnitude_parameters,
+    spectral_lora_layers,
+)
 
 register_tuner("poet", POETConfig, POETModel)
 register_tuner("ora", ORAConfig, ORAModel)
+register_tuner("spectral_lora", SpectralLoRAConfig, SpectralLoRAModel)
 
-from .training import MergeSchedule, POETCallback, merge_and_reinit, param_groups, reset_optimizer_state  # noqa: E402
+from .principal import (  # noqa: E402
+    PrincipalLinear,
+    extract_principal,
+    fold_principal,
+    matching_linears,
+    principal_cores,
+)
+from .training import (  # noqa: E402
+    MergeSchedule,
+    POETCallback,
+    SpectralClampCallback,
+    StableDirections,
+    add_param_group,
+    clamp_spectral_norms,
+    create_param_groups,
+    merge_and_reinit,
+    reset_optimizer_state,
+    summarize_directions,
+)
 
 __version__ = "0.1.0"
 
@@ -24,10 +50,25 @@ __all__ = [
     "POETConfig",
     "POETLinear",
     "POETModel",
+    "PrincipalLinear",
+    "SpectralClampCallback",
+    "SpectralLoRAConfig",
+    "SpectralLoRALinear",
+    "SpectralLoRAModel",
+    "StableDirections",
+    "add_param_group",
+    "clamp_spectral_norms",
+    "create_param_groups",
+    "extract_principal",
+    "fold_principal",
+    "magnitude_parameters",
+    "matching_linears",
     "merge_and_reinit",
     "ora_layers",
-    "param_groups",
     "poet_layers",
     "poet_parameters",
+    "principal_cores",
     "reset_optimizer_state",
+    "spectral_lora_layers",
+    "summarize_directions",
 ]

@@ -19,3 +19,46 @@ def singular_value_drift(reference: torch.Tensor, current: torch.Tensor, floor: 
         return (change.max() / reference[0]).item()
     kept = reference >= floor * reference[0]
     return (change[kept] / reference[kept]).max().item()
+
+
+def low_rank_spectral_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """σ_max(left·right) of an (m, r)·(r, n) product, exactly, from r×r factors and never the dense m×n matrix.
+
+    With left = Q_L·R_L and rightᵀ = Q_R·R_R (thin QR), left·right = Q_L·(R_L·R_Rᵀ)·Q_Rᵀ, and Q_L, Q_R have
+    orthonormal columns, so the product's singular values are those of the r×r core R_L·R_Rᵀ. Float64 throughout.
+    """
+    left_r = torch.linalg.qr(left.double()).R
+    right_r = torch.linalg.qr(right.double().t()).R
+    return torch.linalg.matrix_norm(left_r @ right_r.t(), ord=2)
+
+
+def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k singular triplets (U: (m, k), S: (k,), V: (n, k)) of a matrix, in float64.
+
+    A full SVD up to 1024×1024 (exact); a randomized one (torch.svd_lowrank, 10 extra columns, 4 power
+    iterations) on larger matrices, whose leading triplets it recovers to rounding when the spectrum decays.
+    """
+    matrix = matrix.detach().double()
+    if max(matrix.shape) <= 1024:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :k], s[:k], vh[:k].t()
+    u, s, v = torch.svd_lowrank(matrix, q=min(k + 10, *matrix.shape), niter=4)
+    return u[:, :k], s[:k], v[:, :k]
+
+
+def principal_cosines(basis: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the column spans of two orthonormal bases, largest first."""
+    return torch.linalg.svdvals(basis.double().t() @ other.double()).clamp(max=1.0)
+
+
+def subspace_component(matrix: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """U·(Uᵀ·G·V)·Vᵀ: the part of G inside the span of the orthonormal columns U (left) and V (right)."""
+    return left @ (left.t() @ matrix @ right) @ right.t()
+
+
+def projection_energy(matrix: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
+    """p = ‖Uᵀ·G·V‖_F² / ‖G‖_F²: the share of G's energy inside the U–V block (0 for G = 0)."""
+    matrix = matrix.double()
+    total = matrix.square().sum()
+    inside = (left.double().t() @ matrix @ right.double()).square().sum()
+    return (inside / total).item() if total > 0 else 0.0

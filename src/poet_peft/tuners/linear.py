@@ -1,4 +1,4 @@
-"""What POET's and ORA's tuners share: Linear/Conv1D base layers seen as (out, in) weights, and safe injection."""
+"""What the tuners share: Linear/Conv1D base layers seen as (out, in) weights, and safe injection."""
 
 from __future__ import annotations
 
@@ -85,6 +85,17 @@ class LinearTuner(BaseTuner):
 
     def initialize_injected(self, model: nn.Module, adapter_name: str) -> None:
         """What a tuner does to the wrapped layers once all are wrapped (weights it redraws, say); nothing here."""
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        # Another adapter on an already wrapped layer, or a fresh wrap (inactive adapters start frozen, as in PEFT).
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config)
+            return
+        self.check_wrappable(target, current_key)
+        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, layer_key=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
 
     def check_wrappable(self, target: nn.Module, key: str) -> None:
         """Raise a clear TypeError unless `target` is a Linear or Conv1D layer."""

@@ -53,16 +53,6 @@ class POETModel(LinearTuner):
             if adapter_name in layer.poet_config:
                 layer.initialize_base_weight(adapter_name)
 
-    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, POETLinear):
-            target.update_layer(adapter_name, peft_config)
-            return
-        self.check_wrappable(target, current_key)
-        new_module = POETLinear(target, adapter_name, peft_config, layer_key=current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
-
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)

@@ -1,0 +1,106 @@
+"""Seed 002's experiment #3: track the top-k subspace of each target's gradient momentum, and optionally amplify it.
+
+Every `every` steps, for each target weight, a top-k SVD of its Adam first moment (exp_avg) G = U·S·Vᵀ gives
+- the principal cosines of U and V against the previous measurement (1: the directions stayed put);
+- p = ‖UᵀGV‖_F²/‖G‖_F², the share of the momentum's energy in its own top-k block, and p_prev, the share in the
+  previous measurement's block (whether yesterday's directions still carry the gradient).
+Variant 3B multiplies the gradient's component inside the tracked block by α: G ← G + (α−1)·U(UᵀGV)Vᵀ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Union
+
+import torch
+from torch import nn
+
+from ..ops.spectral import principal_cosines, projection_energy, subspace_component, top_singular
+from ..principal import matching_linears
+
+
+class StableDirections:
+    """Measure (and with `amplify` > 1, exploit) the stable top-k directions of target weights' gradient momentum.
+
+    `optimizer` is any optimizer that keeps Adam's `exp_avg` per parameter (torch AdamW/Adam, and Accelerate's
+    wrapper of them). Call `after_step(step)` after each optimizer step; it returns the metrics on measurement
+    steps, `{}` otherwise.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        targets: Union[str, Iterable[str]],
+        k: int = 8,
+        every: int = 100,
+        amplify: float = 1.0,
+    ):
+        if every < 1 or k < 1 or amplify <= 0:
+            raise ValueError(
+                f"StableDirections: every={every}, k={k}, amplify={amplify} are invalid; use every ≥ 1, k ≥ 1 and "
+                "amplify > 0 (1 measures only; > 1 is variant 3B)."
+            )
+        self.optimizer = optimizer
+        self.k = k
+        self.every = every
+        self.amplify = amplify
+        self.weights = {name: linear.weight for name, linear in matching_linears(model, targets)}
+        if not self.weights:
+            raise ValueError(f"StableDirections: no nn.Linear layer matches targets={targets!r}.")
+        self.subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks = []
+        if amplify != 1.0:
+            self._hooks = [weight.register_hook(self._amplifier(name)) for name, weight in self.weights.items()]
+
+    def _amplifier(self, name: str):
+        def amplify(grad: torch.Tensor) -> torch.Tensor:
+            if name not in self.subspaces:
+                return grad
+            left, right = self.subspaces[name]
+            return grad + (self.amplify - 1) * subspace_component(grad, left.to(grad), right.to(grad))
+
+        return amplify
+
+    def remove(self) -> None:
+        """Stop amplifying (remove the gradient hooks)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, float]:
+        """Take a new top-k subspace of every target's momentum now; returns the metrics, named `stable/<mod>/...`."""
+        metrics = {}
+        for name, weight in self.weights.items():
+            momentum = self.optimizer.state.get(weight, {}).get("exp_avg")
+            if momentum is None:  # not stepped yet
+                continue
+            momentum = momentum.double()
+            left, values, right = top_singular(momentum, min(self.k, *momentum.shape))
+            prefix = f"stable/{name}/"
+            metrics[prefix + "p"] = projection_energy(momentum, left, right)
+            metrics[prefix + "sv1"] = values[0].item()
+            if name in self.subspaces:
+                old_left, old_right = (t.double() for t in self.subspaces[name])
+                cos_u = principal_cosines(old_left, left.to(old_left))
+                cos_v = principal_cosines(old_right, right.to(old_right))
+                metrics[prefix + "p_prev"] = projection_energy(momentum, old_left, old_right)
+                metrics[prefix + "cos_u_mean"] = cos_u.mean().item()
+                metrics[prefix + "cos_u_min"] = cos_u.min().item()
+                metrics[prefix + "cos_v_mean"] = cos_v.mean().item()
+                metrics[prefix + "cos_v_min"] = cos_v.min().item()
+            self.subspaces[name] = (left.to(weight.device, torch.float32), right.to(weight.device, torch.float32))
+        return metrics
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Measure when `step` (optimizer steps completed) is a multiple of `every`; `{}` otherwise."""
+        return self.measure() if step % self.every == 0 else {}
+
+
+def summarize_directions(metrics: dict[str, float]) -> dict[str, float]:
+    """The mean over modules of each stable-direction metric, named `stable/<metric>`."""
+    by_metric: dict[str, list[float]] = {}
+    for key, value in metrics.items():
+        by_metric.setdefault(key.rpartition("/")[2], []).append(value)
+    return {f"stable/{metric}": sum(values) / len(values) for metric, values in by_metric.items()}
