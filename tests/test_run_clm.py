@@ -94,8 +94,8 @@ def test_poet_pretraining_learns_the_bundled_text_and_reports_it(poet_run):
     assert tokens[-1] == (60, 60 * 8 * 128)
     assert all(value > 0 for _, value in series(records, "train/tokens_per_second"))
     lr = series(records, "train/lr")
-    # The first group's lr: Q at the paper's POET lr for b=32, 1e-3·256/32, decayed by the cosine to 1% of it.
-    assert lr[-1][1] == pytest.approx(8e-3 * 0.01, rel=1e-6)
+    # The first group's lr, the base lr (nano: 1e-2), decayed by the cosine to 1% of it.
+    assert lr[-1][1] == pytest.approx(1e-2 * 0.01, rel=1e-6)
     final = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
     assert final["eval/perplexity"] == pytest.approx(series(records, "eval/perplexity")[-1][1])
 
