@@ -64,6 +64,7 @@ def train_variant(name: str, seed: int, args: argparse.Namespace, workdir: Path)
     command = [
         sys.executable, str(EXAMPLES / "run_clm.py"), *variant_flags(name, args),
         "--model_size", args.model_size, "--learning_rate", str(args.lr), "--seed", str(seed),
+        "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.batch_size),
         "--max_train_steps", str(args.steps), "--eval_steps", str(args.eval_every), "--logging_steps", "5",
         "--max_eval_samples", str(args.eval_sequences), "--output_dir", str(output_dir),
     ]  # fmt: skip
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--model_size", choices=list(run_clm.MODEL_SIZES), default="nano", help="as in run_clm.py")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (equal tokens)")
     parser.add_argument("--lr", type=float, default=3e-3, help="base lr of every variant")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=100, help="steps before the E4/B1/B2 switch")
     parser.add_argument("--rank", type=int, default=8, help="k of the split, r of B3's LoRA and of 3B's subspace")
     parser.add_argument("--ratio", type=float, default=5.0, help="lr ratio (C, B1, magnitudes) and 3B's α")
@@ -156,7 +159,8 @@ def main() -> None:
             runs[name].append(train_variant(name, seed, args, Path(workdir)))
     checkpoint = round(0.7 * args.steps / args.eval_every) * args.eval_every
     target = args.target or statistics.mean(dict(run["evals"])[checkpoint] for run in runs["b0"])
-    baseline_steps = statistics.mean(time_to(run, target)[0] for run in runs["b0"])
+    baseline_reached = [time_to(run, target)[0] for run in runs["b0"]]
+    baseline_steps = statistics.mean(step for step in baseline_reached if step is not None)  # X is b0's: some reach it
     baseline_final = statistics.mean(run["evals"][-1][1] for run in runs["b0"])
 
     command = (

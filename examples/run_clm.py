@@ -575,11 +575,11 @@ class PrincipalSwitch:
             weights = [linear.weight for _, linear in poet_peft.matching_linears(self.model, self.targets)]
             group = {"name": "e4_global", "params": weights, "lr": lr, "weight_decay": args.weight_decay}
         else:
-            poet_peft.extract_principal(self.model, args.e4_rank, self.targets, args.e4, seed=args.seed)
+            poet_peft.extract_principal(self.model, args.e4_rank, self.targets, args.e4, args.seed, self.optimizer)
             group = {"name": "principal_core", "params": poet_peft.principal_cores(self.model), "lr": lr}
             group["weight_decay"] = 0.0
         poet_peft.add_param_group(self.optimizer, group, self.lr_scheduler)
-        return {"e4/switched_layers": len(group["params"])}
+        return {"e4/switched_layers": len(group["params"]), "e4/lr": self.optimizer.param_groups[-1]["lr"]}
 
 
 def parameter_summary(model: torch.nn.Module) -> str:
@@ -749,6 +749,16 @@ def train(args: argparse.Namespace) -> dict:
             "shards; ORA's frozen Q/K are untested there). Use DDP (examples/configs/multi_gpu.yaml), or FSDP "
             "with --method adamw."
         )
+    if (args.e4 != "none" or args.track_directions_every) and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "--e4 and --track_directions_every work on whole weight matrices, which FSDP shards: use DDP or one "
+            "process."
+        )
+    if args.e4 in ("svd", "random") and accelerator.num_processes > 1:
+        raise ValueError(
+            f"--e4 {args.e4} adds parameters mid-run, which DDP cannot take on: run it in one process, or use "
+            "--e4 global (B1)."
+        )
     # This script's messages at INFO; the libraries' (Accelerate logs every file it saves) only from WARNING.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)
@@ -801,11 +811,6 @@ def train(args: argparse.Namespace) -> dict:
     hooks = method.step_hooks(model, optimizer)
     plain_model = accelerator.unwrap_model(model)
     switch = PrincipalSwitch(args, plain_model, optimizer, lr_scheduler)
-    if args.e4 in ("svd", "random") and accelerator.num_processes > 1:
-        raise ValueError(
-            f"--e4 {args.e4} adds parameters mid-run, which DDP cannot take on: run it in one process, or use "
-            "--e4 global (B1)."
-        )
     directions = None
     if args.track_directions_every:
         directions = poet_peft.StableDirections(
@@ -816,6 +821,7 @@ def train(args: argparse.Namespace) -> dict:
             args.track_directions_every,
             args.track_amplify,
         )
+        accelerator.register_for_checkpointing(directions)  # its subspaces, so that 3B resumes exactly
 
     position = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_seconds": 0.0}
     if args.resume_from_checkpoint:

@@ -32,3 +32,27 @@ def test_bench_ora_trains_times_and_records_each_variant(tmp_path):
     assert table["ora"][4] == "1,132,864 of 1,149,248"
     assert table["synthesizer_factorized"][4] == "1,136,960 of 1,136,960"
     assert all(float(row[0]) > 1 and float(row[3]) > 0 for row in map(table.get, ["ora", "synthesizer_factorized"]))
+
+
+def test_bench_e4_reports_time_to_x_final_perplexity_and_clamp_cost(tmp_path):
+    record = tmp_path / "RESULTS.md"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    toy = ["--steps", "4", "--warmup", "2", "--eval_every", "2", "--eval_sequences", "4", "--rank", "2"]
+    shape = ["--batch_size", "2", "--block_size", "32", "--seeds", "0", "1", "--variants", "b0", "e4", "b3"]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_e4.py", *toy, *shape, "--record", str(record)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    text = record.read_text()
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()]
+    table = {row[0]: row[1:] for row in cells if len(row) == 8}
+    assert set(table) == {"variant", "---", "b0", "e4", "b3"}
+    # X is b0's own mean perplexity at step 2 (70% of 4 steps, rounded to an evaluation): at least one b0 seed
+    # reaches it there, and every final perplexity is a number.
+    assert table["b0"][0] in ("1/2", "2/2") and table["b0"][4].split(" ± ")[0].replace(".", "").isdigit()
+    assert all(float(row[4].split(" ± ")[0]) > 1 for row in map(table.get, ["b0", "e4", "b3"]))
+    assert "Spectral clamp (b3):" in text and " ms per step" in text

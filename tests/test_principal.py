@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import outputs, tiny_llama
@@ -57,6 +59,40 @@ def test_extraction_preserves_the_models_function(subspace, tokens):
             torch.testing.assert_close(layer.core, torch.diag(torch.linalg.svdvals(weights[name])[:4]))
             block = layer.principal_u.t() @ layer.residual.weight @ layer.principal_v
             assert block.abs().max().item() < 1e-5
+
+
+def test_svd_split_is_exact_on_large_flat_spectra_and_randomized_tracking_is_seeded():
+    # A Gaussian 1100×48 weight has a flat spectrum, where a randomized SVD would miss the top directions.
+    layer = torch.nn.Linear(48, 1100)
+    model = torch.nn.Sequential(layer)
+    weight = layer.weight.detach().clone()
+    poet_peft.extract_principal(model, 6, ["0"])
+    torch.testing.assert_close(model[0].core.double(), torch.diag(torch.linalg.svdvals(weight.double())[:6]))
+    state = torch.get_rng_state()
+    big = torch.randn(1200, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    first = top_singular(big, 4, torch.Generator().manual_seed(5))
+    second = top_singular(big, 4, torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_extraction_projects_the_warm_up_momentum_and_keeps_u_v_c_in_float32(tokens):
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    poet_peft.extract_principal(model, 4, ["q_proj"], optimizer=optimizer)
+    layer = model.model.layers[0].self_attn.q_proj
+    momentum = optimizer.state[layer.residual.weight]["exp_avg"]
+    assert (layer.principal_u.t() @ momentum @ layer.principal_v).abs().max().item() < 1e-9
+    assert momentum.abs().max().item() > 1e-5  # the rest of it is kept
+    half = tiny_llama().to(torch.bfloat16)
+    poet_peft.extract_principal(half, 4, ["q_proj"])
+    layer = half.model.layers[0].self_attn.q_proj
+    assert {layer.principal_u.dtype, layer.principal_v.dtype, layer.core.dtype} == {torch.float32}
+    assert outputs(half, tokens).dtype == torch.bfloat16
+    half(input_ids=tokens, labels=tokens).loss.backward()
+    gradient = layer.residual.weight.grad.float()
+    assert (layer.principal_u.t() @ gradient @ layer.principal_v).abs().max() < 1e-2 * gradient.abs().max()
 
 
 def test_residual_gradient_is_projected_and_the_core_learns_the_block(tokens):
@@ -126,18 +162,31 @@ def test_added_group_follows_the_schedule_and_keeps_moved_parameters_state(token
         scheduler.step()
     factor = optimizer.param_groups[0]["lr"] / 1e-2
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(5e-2 * factor)
+    # A refused group changes nothing: the parameters stay in their groups and keep training.
+    groups_before = [list(group["params"]) for group in optimizer.param_groups]
+    down = [linear.weight for _, linear in poet_peft.matching_linears(model, ["down_proj"])]
     with pytest.raises(TypeError, match="LambdaLR-style"):
-        poet_peft.add_param_group(optimizer, {"params": [], "lr": 1.0}, torch.optim.lr_scheduler.StepLR(optimizer, 1))
+        poet_peft.add_param_group(optimizer, {"params": down, "lr": 1.0}, torch.optim.lr_scheduler.StepLR(optimizer, 1))
+    with pytest.raises(ValueError, match="needs a group with 'params' and 'lr'"):
+        poet_peft.add_param_group(optimizer, {"params": down}, scheduler)
+    assert [list(group["params"]) for group in optimizer.param_groups] == groups_before
+    assert len(scheduler.base_lrs) == len(scheduler.lr_lambdas) == len(optimizer.param_groups)
 
 
-def test_stable_directions_measure_the_momentum_subspace_and_amplify_inside_it(tokens):
-    model = tiny_llama()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    tracker = poet_peft.StableDirections(model, optimizer, ["q_proj"], k=3, every=2, amplify=4.0)
-    assert tracker.after_step(1) == {}
+def adam_step(model, optimizer, tokens) -> None:
+    """One AdamW step on the causal-LM loss of `tokens`."""
     model(input_ids=tokens, labels=tokens).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
+
+
+def test_stable_directions_measure_the_momentum_subspace_and_amplify_the_update_inside_it(tokens):
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    adam_step(model, optimizer, tokens)
+    reference, reference_optimizer = copy.deepcopy((model, optimizer))
+    tracker = poet_peft.StableDirections(model, optimizer, ["q_proj"], k=3, every=2, amplify=4.0)
+    assert tracker.after_step(1) == {}
     name = "model.layers.0.self_attn.q_proj"
     momentum = optimizer.state[model.get_submodule(name).weight]["exp_avg"].double()
     first = tracker.after_step(2)
@@ -150,16 +199,23 @@ def test_stable_directions_measure_the_momentum_subspace_and_amplify_inside_it(t
     assert poet_peft.summarize_directions(second)["stable/p"] == pytest.approx(
         sum(value for key, value in second.items() if key.endswith("/p")) / 2
     )
-    # 3B: the gradient's component inside the tracked block is multiplied by α = 4, the rest is untouched.
-    reference = tiny_llama()
-    reference.load_state_dict(model.state_dict())
-    reference(input_ids=tokens, labels=tokens).loss.backward()
-    model(input_ids=tokens, labels=tokens).loss.backward()
+    # 3B: the step's update inside the tracked block is α = 4 times Adam's, the rest of it is Adam's own.
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    adam_step(model, optimizer, tokens)
+    adam_step(reference, reference_optimizer, tokens)
+    assert len(tracker.subspaces) == 2  # both layers' q_proj
+    for key, value in model.state_dict().items():
+        plain = reference.state_dict()[key].double() - before[key].double()
+        expected = plain
+        if key.removesuffix(".weight") in tracker.subspaces:
+            u, v = (t.double() for t in tracker.subspaces[key.removesuffix(".weight")])
+            expected = plain + 3.0 * u @ (u.t() @ plain @ v) @ v.t()
+        torch.testing.assert_close(value.double() - before[key].double(), expected, rtol=1e-4, atol=1e-8)
     u, v = (t.double() for t in tracker.subspaces[name])
-    plain = reference.get_submodule(name).weight.grad.double()
-    expected = plain + 3.0 * u @ (u.t() @ plain @ v) @ v.t()
-    torch.testing.assert_close(model.get_submodule(name).weight.grad.double(), expected, rtol=1e-5, atol=1e-8)
+    assert (u.t() @ (model.get_submodule(name).weight.double() - before[name + ".weight"].double()) @ v).abs().max() > 0
+    # The subspaces round-trip through state_dict, for checkpoints; remove() stops amplifying.
+    restored = poet_peft.StableDirections(reference, reference_optimizer, ["q_proj"], k=3, every=2)
+    restored.load_state_dict(tracker.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.subspaces[name], tracker.subspaces[name]))
     tracker.remove()
-    model.zero_grad()
-    model(input_ids=tokens, labels=tokens).loss.backward()
-    torch.testing.assert_close(model.get_submodule(name).weight.grad, reference.get_submodule(name).weight.grad)
+    assert not optimizer._optimizer_step_post_hooks

@@ -210,6 +210,7 @@ def small_corpus(path: Path, documents: int, skip: int = 0) -> Path:
 
 def test_spectral_lora_pretraining_learns_with_its_branches_clamped(cache, tmp_path):
     flags = [*NANO, "--method", "spectral_lora", "--max_train_steps", "60", "--learning_rate", "3e-2"]
+    flags += ["--lora_alpha", "16"]  # α/r = 2
     result = run_script(
         cache, tmp_path, *flags, "--logging_steps", "5", "--eval_steps", "30", "--checkpointing_steps", "60"
     )
@@ -224,8 +225,10 @@ def test_spectral_lora_pretraining_learns_with_its_branches_clamped(cache, tmp_p
     state = load_file(tmp_path / "checkpoints" / "step_60" / "model.safetensors")
     for key in [key for key in state if key.endswith("spectral_lora_A.default")]:
         stem = key.removesuffix("spectral_lora_A.default")
-        delta = state[stem + "spectral_lora_magnitude.default"].double().unsqueeze(1) * (
-            state[stem + "spectral_lora_B.default"].double() @ state[key].double()
+        delta = (
+            2.0
+            * state[stem + "spectral_lora_magnitude.default"].double().unsqueeze(1)
+            * (state[stem + "spectral_lora_B.default"].double() @ state[key].double())
         )
         assert torch.linalg.svdvals(delta)[0].item() <= 0.7 / state[key].shape[1] ** 0.5 * (1 + 1e-6)
     from transformers import AutoModelForCausalLM
@@ -239,6 +242,7 @@ def test_e4_switch_resumes_exactly_and_exports_a_plain_model(cache, tmp_path):
         *NANO, "--block_size", "64", "--train_file", str(corpus), "--method", "adamw", "--max_train_steps", "12",
         "--e4", "svd", "--e4_warmup_steps", "5", "--e4_rank", "4", "--checkpointing_steps", "8",
         "--logging_steps", "1", "--eval_steps", "6", "--target_perplexity", "100000",
+        "--track_directions_every", "3", "--track_amplify", "2",
     ]  # fmt: skip
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     result = run_script(cache, uninterrupted, *flags)
@@ -246,7 +250,8 @@ def test_e4_switch_resumes_exactly_and_exports_a_plain_model(cache, tmp_path):
     assert series(records, "e4/switched_layers") == [(5, 14)]
     assert series(records, "time_to_target/steps") == [(6, 6)]  # reached at the first evaluation
     assert '"time_to_target/steps": 6' in result.stdout
-    # Resume from the step-8 checkpoint, taken after the switch: the model and optimizer are rebuilt split first.
+    # Resume from the step-8 checkpoint, taken after the switch: the model and optimizer are rebuilt split first,
+    # and the 3B subspaces measured at step 6 come back with the checkpoint.
     checkpoint = uninterrupted / "checkpoints" / "step_8"
     result = run_script(cache, interrupted, *flags, "--resume_from_checkpoint", str(checkpoint))
     resumed = metrics(interrupted)
@@ -266,13 +271,19 @@ def test_e4_controls_switch_at_the_end_of_warm_up(cache, tmp_path, mode):
     # B1 moves the 14 target weights into a group at lr × 10; B2 adds their 14 cores.
     assert series(records, "e4/switched_layers") == [(3, 14)]
     lrs = dict(series(records, "train/lr"))
+    assert dict(series(records, "e4/lr"))[3] == pytest.approx(10 * lrs[3])
     assert lrs[4] < lrs[3]  # the base lr keeps following its cosine schedule
 
 
 def test_stable_directions_are_tracked_and_amplified(cache, tmp_path):
-    flags = [*NANO, "--block_size", "64", "--method", "adamw", "--max_train_steps", "8", "--logging_steps", "4"]
-    run_script(cache, tmp_path, *flags, "--track_directions_every", "4", "--track_topk", "4", "--track_amplify", "3")
-    records = [record for record in metrics(tmp_path) if "stable/p" in record]
+    flags = [*NANO, "--block_size", "64", "--method", "adamw", "--max_train_steps", "8", "--logging_steps", "1"]
+    tracking = ["--track_directions_every", "4", "--track_topk", "4"]
+    run_script(cache, tmp_path / "3b", *flags, *tracking, "--track_amplify", "3")
+    run_script(cache, tmp_path / "plain", *flags, *tracking)
+    amplified, plain = series(metrics(tmp_path / "3b"), "train/loss"), series(metrics(tmp_path / "plain"), "train/loss")
+    # The first subspace is measured after step 4, so step 5's update is the first amplified: losses part at step 6.
+    assert amplified[:5] == plain[:5] and all(a != b for (_, a), (_, b) in zip(amplified[5:], plain[5:]))
+    records = [record for record in metrics(tmp_path / "3b") if "stable/p" in record]
     assert [record["step"] for record in records] == [4, 8]
     assert 0 < records[0]["stable/p"] <= 1 and "stable/cos_u_mean" in records[1]
     per_module = [key for key in records[1] if key.startswith("stable/model.layers.0.self_attn.q_proj/")]
@@ -445,6 +456,17 @@ def test_bad_flags_are_rejected_with_the_valid_choices(flags, message, capsys):
     with pytest.raises(SystemExit):
         run_clm.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_spectral_lora_optimizer_groups_follow_the_flags():
+    tokenizer = run_clm.train_bpe_tokenizer(["a few words of text"], 300)
+    args = run_clm.parse_args(
+        [*NANO, "--method", "spectral_lora", "--magnitude_lr_ratio", "7", "--learning_rate", "2e-3"]
+    )
+    model = run_clm.METHODS["spectral_lora"].wrap(run_clm.build_model(args, tokenizer), args)
+    groups = {group["name"]: group for group in run_clm.METHODS["spectral_lora"].param_groups(model, args)}
+    assert groups["magnitude"]["lr"] == pytest.approx(7 * 2e-3) and groups["magnitude"]["weight_decay"] == 0.0
+    assert len(groups["magnitude"]["params"]) == 14 and groups["matrices"]["lr"] == 2e-3
 
 
 def test_bad_data_and_output_folders_fail_before_losing_anything(tmp_path, monkeypatch):

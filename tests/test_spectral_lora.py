@@ -118,6 +118,15 @@ def test_clamp_leaves_branches_inside_the_bound_untouched():
     assert all(torch.equal(param, before[name]) for name, param in model.named_parameters() if param.requires_grad)
 
 
+def test_a_diverged_branch_is_reported_not_silently_skipped():
+    model = get_peft_model(tiny_llama(), poet_peft.SpectralLoRAConfig(r=4))
+    layer = next(poet_peft.spectral_lora_layers(model))
+    with torch.no_grad():
+        layer.spectral_lora_B["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite branch.*Lower the learning rate"):
+        poet_peft.clamp_spectral_norms(model)
+
+
 def test_no_clamp_when_sigma_max_is_none():
     model = get_peft_model(tiny_llama(), poet_peft.SpectralLoRAConfig(r=4, sigma_max=None))
     randomize_branches(model, std=5.0)
@@ -230,10 +239,14 @@ def test_merge_unmerge_and_merge_and_unload(tokens):
     torch.testing.assert_close(outputs(plain, tokens), unmerged, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["pretrained", "frozen_random", "zero"])
-def test_save_and_load_round_trip(backbone, tokens, tmp_path):
-    config = poet_peft.SpectralLoRAConfig(r=4, magnitude="vector", backbone=backbone, modules_to_save=["lm_head"])
-    model = get_peft_model(tiny_llama(seed=0), config).train()
+@pytest.mark.parametrize(
+    "architecture, backbone",
+    [("llama", "pretrained"), ("llama", "frozen_random"), ("llama", "zero"), ("gpt2", "frozen_random")],
+)
+def test_save_and_load_round_trip(architecture, backbone, tokens, tmp_path):
+    head = "lm_head"
+    config = poet_peft.SpectralLoRAConfig(r=4, magnitude="vector", backbone=backbone, modules_to_save=[head])
+    model = get_peft_model(tiny_model(architecture, seed=0), config).train()
     optimizer = torch.optim.AdamW(poet_peft.create_param_groups(model, lr=1e-2))
     for _ in range(3):
         model(input_ids=tokens, labels=tokens).loss.backward()
@@ -246,7 +259,7 @@ def test_save_and_load_round_trip(backbone, tokens, tmp_path):
     keys = load_file(tmp_path / "adapter_model.safetensors").keys()
     assert not any("base_layer" in key for key in keys)  # the backbone is the base model's or regenerated
     # Load into a base model with the same architecture (same seed: the pretrained backbone must match).
-    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(architecture, seed=0), tmp_path)
     torch.testing.assert_close(outputs(loaded, tokens), expected, rtol=0, atol=0)
     assert loaded.peft_config["default"].backbone == backbone
     merged = loaded.merge_and_unload()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -45,9 +45,11 @@ class PrincipalLinear(nn.Module):
         super().__init__()
         self.residual = linear
         weight = linear.weight
-        self.register_buffer("principal_u", left.to(weight.device, weight.dtype))
-        self.register_buffer("principal_v", right.to(weight.device, weight.dtype))
-        self.core = nn.Parameter(core.to(weight.device, weight.dtype))
+        # U, V and C in float32 whatever the weight's dtype, as the rotations elsewhere: a bf16 U would make the
+        # projection below inexact at the 1e-2 level.
+        self.register_buffer("principal_u", left.to(weight.device, torch.float32))
+        self.register_buffer("principal_v", right.to(weight.device, torch.float32))
+        self.core = nn.Parameter(core.to(weight.device, torch.float32))
         # A frozen W stays frozen as R: nothing to project then.
         self._projection = weight.register_hook(self.project_residual_gradient) if weight.requires_grad else None
 
@@ -62,16 +64,18 @@ class PrincipalLinear(nn.Module):
         return self.residual.out_features
 
     def project_residual_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """G_R − U(UᵀG_R V)Vᵀ: R's gradient with the U–V block, which C learns, taken out."""
-        return grad - subspace_component(grad, self.principal_u, self.principal_v)
+        """G_R − U(UᵀG_R V)Vᵀ: R's gradient with the U–V block, which C learns, taken out (computed in float32)."""
+        inside = subspace_component(grad.float(), self.principal_u, self.principal_v)
+        return (grad.float() - inside).to(grad.dtype)
 
     def effective_weight(self) -> torch.Tensor:
-        """The effective weight R + U·C·Vᵀ."""
-        return self.residual.weight + self.principal_u @ self.core @ self.principal_v.t()
+        """The effective weight R + U·C·Vᵀ, in float32."""
+        return self.residual.weight.float() + self.principal_u @ self.core @ self.principal_v.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """R·x + U·C·Vᵀ·x (+ bias), with the low-rank part applied as three thin products."""
-        principal = F.linear(F.linear(F.linear(x, self.principal_v.t()), self.core), self.principal_u)
+        left, core, right = (t.to(x.dtype) for t in (self.principal_u, self.core, self.principal_v))
+        principal = F.linear(F.linear(F.linear(x, right.t()), core), left)
         return self.residual(x) + principal
 
     def fold(self) -> nn.Linear:
@@ -112,11 +116,14 @@ def extract_principal(
     targets: Union[str, Iterable[str]],
     subspace: Literal["svd", "random"] = "svd",
     seed: int = 0,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> list[str]:
     """Split each target Linear into W = R + U·C·Vᵀ along a k-dimensional subspace; returns the split layers' names.
 
-    `subspace="svd"` takes W's top-k singular vectors (E4); "random" a random orthonormal U, V drawn from `seed`
-    (control B2). Add the new cores to the optimizer afterwards (`principal_cores`, `add_param_group`).
+    `subspace="svd"` takes W's exact top-k singular vectors (E4); "random" a random orthonormal U, V drawn from
+    `seed` (control B2). Given the `optimizer` that trained W, R's Adam first moment is projected as its gradient
+    will be, so the warm-up momentum does not keep pushing R into the block. Add the new cores to the optimizer
+    afterwards (`principal_cores`, `add_param_group`).
     """
     if subspace not in SUBSPACES:
         raise ValueError(f"extract_principal: subspace={subspace!r} is not valid; use 'svd' or 'random'.")
@@ -137,8 +144,12 @@ def extract_principal(
         left, core, right = _split(name, linear.weight, k, subspace, seed)
         residual = linear.weight.detach().double().cpu() - left @ core @ right.t()
         linear.weight.copy_(residual)
+        layer = PrincipalLinear(linear, left, core, right)
+        momentum = optimizer.state.get(linear.weight, {}).get("exp_avg") if optimizer is not None else None
+        if momentum is not None:
+            momentum.copy_(layer.project_residual_gradient(momentum))
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, PrincipalLinear(linear, left, core, right))
+        setattr(model.get_submodule(parent_name), child, layer)
     return [name for name, _ in found]
 
 

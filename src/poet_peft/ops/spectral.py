@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -32,18 +34,27 @@ def low_rank_spectral_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Ten
     return torch.linalg.matrix_norm(left_r @ right_r.t(), ord=2)
 
 
-def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(
+    matrix: torch.Tensor, k: int, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k singular triplets (U: (m, k), S: (k,), V: (n, k)) of a matrix, in float64.
 
-    A full SVD up to 1024×1024 (exact); a randomized one (torch.svd_lowrank, 10 extra columns, 4 power
-    iterations) on larger matrices, whose leading triplets it recovers to rounding when the spectrum decays.
+    Exact (a full SVD) unless a `generator` is given and the matrix is larger than 1024 on a side; then a
+    randomized SVD drawn from that generator (k + 10 columns, 4 power iterations), which recovers the leading
+    triplets when the spectrum decays but only approximates them on a flat one.
     """
     matrix = matrix.detach().double()
-    if max(matrix.shape) <= 1024:
+    if generator is None or max(matrix.shape) <= 1024:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u[:, :k], s[:k], vh[:k].t()
-    u, s, v = torch.svd_lowrank(matrix, q=min(k + 10, *matrix.shape), niter=4)
-    return u[:, :k], s[:k], v[:, :k]
+    # Halko–Martinsson–Tropp range finder with re-orthonormalised power iterations, on a CPU generator so that it
+    # never touches the global RNG that dropout and data order draw from.
+    sketch = torch.randn(matrix.shape[1], min(k + 10, *matrix.shape), generator=generator, dtype=torch.float64)
+    basis = torch.linalg.qr(matrix @ sketch.to(matrix.device)).Q
+    for _ in range(4):
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.t() @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.t() @ matrix, full_matrices=False)
+    return (basis @ u)[:, :k], s[:k], vh[:k].t()
 
 
 def principal_cosines(basis: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ Every `every` steps, for each target weight, a top-k SVD of its Adam first momen
 - the principal cosines of U and V against the previous measurement (1: the directions stayed put);
 - p = ‖UᵀGV‖_F²/‖G‖_F², the share of the momentum's energy in its own top-k block, and p_prev, the share in the
   previous measurement's block (whether yesterday's directions still carry the gradient).
-Variant 3B multiplies the gradient's component inside the tracked block by α: G ← G + (α−1)·U(UᵀGV)Vᵀ.
+Variant 3B raises the learning rate by α inside the tracked block only: after each optimizer step, the step's
+update ΔW gets ΔW ← ΔW + (α−1)·U(UᵀΔW V)Vᵀ. Scaling the gradient instead would not do it under Adam, whose
+per-coordinate normalisation mostly cancels a gradient scale.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from ..ops.seeding import seeded_generator
 from ..ops.spectral import principal_cosines, projection_energy, subspace_component, top_singular
 from ..principal import matching_linears
 
@@ -24,7 +27,8 @@ class StableDirections:
 
     `optimizer` is any optimizer that keeps Adam's `exp_avg` per parameter (torch AdamW/Adam, and Accelerate's
     wrapper of them). Call `after_step(step)` after each optimizer step; it returns the metrics on measurement
-    steps, `{}` otherwise.
+    steps, `{}` otherwise. The tracked subspaces are in `state_dict()`, so that a resumed run amplifies exactly
+    as an uninterrupted one (`accelerator.register_for_checkpointing(tracker)`).
     """
 
     def __init__(
@@ -49,27 +53,45 @@ class StableDirections:
         if not self.weights:
             raise ValueError(f"StableDirections: no nn.Linear layer matches targets={targets!r}.")
         self.subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._before_step: dict[str, torch.Tensor] = {}
         self._hooks = []
         if amplify != 1.0:
-            self._hooks = [weight.register_hook(self._amplifier(name)) for name, weight in self.weights.items()]
+            inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper steps the inner optimizer
+            self._hooks = [
+                inner.register_step_pre_hook(self._remember_weights),
+                inner.register_step_post_hook(self._amplify_update),
+            ]
 
-    def _amplifier(self, name: str):
-        def amplify(grad: torch.Tensor) -> torch.Tensor:
-            if name not in self.subspaces:
-                return grad
+    def _remember_weights(self, optimizer, args, kwargs) -> None:
+        self._before_step = {name: self.weights[name].detach().clone() for name in self.subspaces}
+
+    @torch.no_grad()
+    def _amplify_update(self, optimizer, args, kwargs) -> None:
+        for name, before in self._before_step.items():
+            weight = self.weights[name]
             left, right = self.subspaces[name]
-            return grad + (self.amplify - 1) * subspace_component(grad, left.to(grad), right.to(grad))
-
-        return amplify
+            update = (weight - before).float()
+            weight.add_(((self.amplify - 1) * subspace_component(update, left, right)).to(weight.dtype))
+        self._before_step = {}
 
     def remove(self) -> None:
-        """Stop amplifying (remove the gradient hooks)."""
+        """Stop amplifying (remove the optimizer hooks)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
+    def state_dict(self) -> dict:
+        """The tracked subspaces, by module name."""
+        return {"subspaces": {name: list(pair) for name, pair in self.subspaces.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the tracked subspaces saved by `state_dict`."""
+        self.subspaces = {
+            name: tuple(t.to(self.weights[name].device) for t in pair) for name, pair in state["subspaces"].items()
+        }
+
     @torch.no_grad()
-    def measure(self) -> dict[str, float]:
+    def measure(self, step: int = 0) -> dict[str, float]:
         """Take a new top-k subspace of every target's momentum now; returns the metrics, named `stable/<mod>/...`."""
         metrics = {}
         for name, weight in self.weights.items():
@@ -77,7 +99,8 @@ class StableDirections:
             if momentum is None:  # not stepped yet
                 continue
             momentum = momentum.double()
-            left, values, right = top_singular(momentum, min(self.k, *momentum.shape))
+            generator = seeded_generator("stable-directions", name, step)
+            left, values, right = top_singular(momentum, min(self.k, *momentum.shape), generator)
             prefix = f"stable/{name}/"
             metrics[prefix + "p"] = projection_energy(momentum, left, right)
             metrics[prefix + "sv1"] = values[0].item()
@@ -95,7 +118,7 @@ class StableDirections:
 
     def after_step(self, step: int) -> dict[str, float]:
         """Measure when `step` (optimizer steps completed) is a multiple of `every`; `{}` otherwise."""
-        return self.measure() if step % self.every == 0 else {}
+        return self.measure(step) if step % self.every == 0 else {}
 
 
 def summarize_directions(metrics: dict[str, float]) -> dict[str, float]:

@@ -66,19 +66,23 @@ def add_param_group(optimizer: torch.optim.Optimizer, group: dict, scheduler=Non
     """
     optimizer = getattr(optimizer, "optimizer", optimizer)
     scheduler = getattr(scheduler, "scheduler", scheduler)
+    # Every check before any change: a refused group leaves the optimizer and scheduler exactly as they were.
+    if "params" not in group or "lr" not in group:
+        raise ValueError(f"add_param_group needs a group with 'params' and 'lr'; got keys {sorted(group)}.")
+    if scheduler is not None and not (hasattr(scheduler, "lr_lambdas") and hasattr(scheduler, "base_lrs")):
+        raise TypeError(
+            f"add_param_group cannot extend a {type(scheduler).__name__}: it extends LambdaLR-style schedulers "
+            "(transformers.get_scheduler's). Pass scheduler=None and set the new group's lr yourself."
+        )
+    group = dict(group, params=list(group["params"]))
+    if scheduler is not None:
+        schedule = scheduler.lr_lambdas[0]
+        group["initial_lr"] = group["lr"]
+        group["lr"] = group["lr"] * schedule(scheduler.last_epoch)
     moving = {id(param) for param in group["params"]}
     for old in optimizer.param_groups:
         old["params"] = [param for param in old["params"] if id(param) not in moving]
-    group = dict(group, params=list(group["params"]))
-    if scheduler is not None:
-        if not (hasattr(scheduler, "lr_lambdas") and hasattr(scheduler, "base_lrs")):
-            raise TypeError(
-                f"add_param_group cannot extend a {type(scheduler).__name__}: it extends LambdaLR-style schedulers "
-                "(transformers.get_scheduler's). Pass scheduler=None and set the new group's lr yourself."
-            )
-        schedule = scheduler.lr_lambdas[0]
-        scheduler.lr_lambdas.append(schedule)
-        scheduler.base_lrs.append(group["lr"])
-        group["initial_lr"] = group["lr"]
-        group["lr"] = group["lr"] * schedule(scheduler.last_epoch)
     optimizer.add_param_group(group)
+    if scheduler is not None:
+        scheduler.lr_lambdas.append(schedule)
+        scheduler.base_lrs.append(group["initial_lr"])

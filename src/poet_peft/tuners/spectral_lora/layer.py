@@ -117,7 +117,14 @@ class SpectralLoRALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             bound = self.spectral_bound(name)
             if bound is None or name in self.merged_adapters:
                 continue
-            sigma = self.spectral_norm(name)
+            factors = (self._scaled_left(name), self.spectral_lora_A[name])
+            if not all(torch.isfinite(factor).all() for factor in factors):
+                raise ValueError(
+                    f"Spectral LoRA adapter {name!r} of {self.layer_key} has a non-finite branch (NaN or inf in A, B "
+                    "or m): training diverged before the clamp could act. Lower the learning rate or "
+                    "magnitude_lr_ratio."
+                )
+            sigma = low_rank_spectral_norm(*factors).item()
             worst = max(worst, sigma / bound)
             if sigma > bound:
                 factor = math.sqrt(bound / sigma)
