@@ -8,7 +8,7 @@ Each variant trains run_clm.py's LLaMA from scratch at equal tokens, for every s
 - b1: after the warm-up, the block linears' whole lr × ratio, no split;
 - b2: the E4 split along random orthonormal U, V;
 - b3: spectral-clamped LoRA only (frozen random backbone; embeddings, norms and head trained), its clamp timed;
-- 3b: plain AdamW with the momentum's top-k subspace tracked every 50 steps and its gradient component × ratio.
+- 3b: plain AdamW with the momentum's top-k subspace tracked every 50 steps and the lr inside it × ratio.
 
 X is a validation perplexity that plain AdamW reaches: by default b0's mean perplexity at 70% of training.
 Time-to-X is the first evaluation step at which a run's perplexity is ≤ X, in steps and in training seconds.
