@@ -180,7 +180,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     e4.add_argument("--track_topk", type=int, default=8, help="k of the tracked subspace")
     e4.add_argument(
-        "--track_amplify", type=float, default=1.0, help="variant 3B: gradient inside the tracked subspace × this"
+        "--track_amplify", type=float, default=1.0, help="variant 3B: the lr inside the tracked subspace × this"
     )
 
     train = parser.add_argument_group("training")
@@ -576,8 +576,8 @@ class PrincipalSwitch:
             group = {"name": "e4_global", "params": weights, "lr": lr, "weight_decay": args.weight_decay}
         else:
             poet_peft.extract_principal(self.model, args.e4_rank, self.targets, args.e4, args.seed, self.optimizer)
-            group = {"name": "principal_core", "params": poet_peft.principal_cores(self.model), "lr": lr}
-            group["weight_decay"] = 0.0
+            cores = poet_peft.principal_cores(self.model)
+            group = {"name": "principal_core", "params": cores, "lr": lr, "weight_decay": 0.0}
         poet_peft.add_param_group(self.optimizer, group, self.lr_scheduler)
         return {"e4/switched_layers": len(group["params"]), "e4/lr": self.optimizer.param_groups[-1]["lr"]}
 
@@ -816,7 +816,7 @@ def train(args: argparse.Namespace) -> dict:
         directions = poet_peft.StableDirections(
             plain_model,
             optimizer,
-            args.principal_targets.split(","),
+            switch.targets,
             args.track_topk,
             args.track_directions_every,
             args.track_amplify,

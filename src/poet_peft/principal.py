@@ -98,8 +98,7 @@ def principal_cores(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _split(name: str, weight: torch.Tensor, k: int, subspace: str, seed: int):
-    # float64 throughout; C = diag(S_k) for 'svd', C = UᵀWV for 'random' (so both preserve W exactly).
-    weight = weight.detach().double().cpu()
+    # `weight` in float64; C = diag(S_k) for 'svd', C = UᵀWV for 'random' (so both preserve W exactly).
     if subspace == "svd":
         left, values, right = top_singular(weight, k)
         return left, torch.diag(values), right
@@ -141,15 +140,14 @@ def extract_principal(
                 f"use 1 ≤ k ≤ {min(linear.weight.shape)}."
             )
     for name, linear in found:
-        left, core, right = _split(name, linear.weight, k, subspace, seed)
-        residual = linear.weight.detach().double().cpu() - left @ core @ right.t()
-        linear.weight.copy_(residual)
+        weight = linear.weight.detach().double().cpu()
+        left, core, right = _split(name, weight, k, subspace, seed)
+        linear.weight.copy_(weight - left @ core @ right.t())
         layer = PrincipalLinear(linear, left, core, right)
         momentum = optimizer.state.get(linear.weight, {}).get("exp_avg") if optimizer is not None else None
         if momentum is not None:
             momentum.copy_(layer.project_residual_gradient(momentum))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        _replace_module(model, name, layer)
     return [name for name, _ in found]
 
 
@@ -157,6 +155,10 @@ def fold_principal(model: nn.Module) -> int:
     """Turn every E4-split layer back into a plain nn.Linear holding R + U·C·Vᵀ; returns how many were folded."""
     found = [(name, module) for name, module in model.named_modules() if isinstance(module, PrincipalLinear)]
     for name, layer in found:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.fold())
+        _replace_module(model, name, layer.fold())
     return len(found)
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)

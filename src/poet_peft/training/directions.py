@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..ops.seeding import seeded_generator
-from ..ops.spectral import principal_cosines, projection_energy, subspace_component, top_singular
+from ..ops.spectral import principal_cosines, projection_energy, top_singular
 from ..principal import matching_linears
 
 
@@ -53,7 +53,7 @@ class StableDirections:
         if not self.weights:
             raise ValueError(f"StableDirections: no nn.Linear layer matches targets={targets!r}.")
         self.subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._before_step: dict[str, torch.Tensor] = {}
+        self._block_before_step: dict[str, torch.Tensor] = {}
         self._hooks = []
         if amplify != 1.0:
             inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper steps the inner optimizer
@@ -62,17 +62,22 @@ class StableDirections:
                 inner.register_step_post_hook(self._amplify_update),
             ]
 
+    @torch.no_grad()
+    def _block(self, name: str) -> torch.Tensor:
+        # UᵀWV (k×k): the update's block is its change over a step, so no copy of W is needed.
+        left, right = self.subspaces[name]
+        return left.t() @ self.weights[name].float() @ right
+
     def _remember_weights(self, optimizer, args, kwargs) -> None:
-        self._before_step = {name: self.weights[name].detach().clone() for name in self.subspaces}
+        self._block_before_step = {name: self._block(name) for name in self.subspaces}
 
     @torch.no_grad()
     def _amplify_update(self, optimizer, args, kwargs) -> None:
-        for name, before in self._before_step.items():
-            weight = self.weights[name]
+        for name, before in self._block_before_step.items():
             left, right = self.subspaces[name]
-            update = (weight - before).float()
-            weight.add_(((self.amplify - 1) * subspace_component(update, left, right)).to(weight.dtype))
-        self._before_step = {}
+            extra = (self.amplify - 1) * (left @ (self._block(name) - before) @ right.t())
+            self.weights[name].add_(extra.to(self.weights[name].dtype))
+        self._block_before_step = {}
 
     def remove(self) -> None:
         """Stop amplifying (remove the optimizer hooks)."""

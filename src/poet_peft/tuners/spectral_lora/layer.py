@@ -95,10 +95,17 @@ class SpectralLoRALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         delta = delta.t() if self.fan_in_fan_out else delta
         return delta.to(self.get_base_layer().weight.dtype)
 
+    @torch.no_grad()
     def spectral_norm(self, adapter_name: str) -> float:
-        """σ_max(ΔW), exactly, from the r×r factors of B and A."""
-        with torch.no_grad():
-            return low_rank_spectral_norm(self._scaled_left(adapter_name), self.spectral_lora_A[adapter_name]).item()
+        """σ_max(ΔW), exactly, from the r×r factors of B and A; raises if the branch holds NaN or inf."""
+        factors = (self._scaled_left(adapter_name), self.spectral_lora_A[adapter_name])
+        if not all(torch.isfinite(factor).all() for factor in factors):
+            raise ValueError(
+                f"Spectral LoRA adapter {adapter_name!r} of {self.layer_key} has a non-finite branch (NaN or inf in "
+                "A, B or m): training diverged before the clamp could act. Lower the learning rate or "
+                "magnitude_lr_ratio."
+            )
+        return low_rank_spectral_norm(*factors).item()
 
     def spectral_bound(self, adapter_name: str) -> Optional[float]:
         """The cap c/√d_in on σ_max(ΔW), or None when the adapter has no clamp."""
@@ -117,14 +124,7 @@ class SpectralLoRALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             bound = self.spectral_bound(name)
             if bound is None or name in self.merged_adapters:
                 continue
-            factors = (self._scaled_left(name), self.spectral_lora_A[name])
-            if not all(torch.isfinite(factor).all() for factor in factors):
-                raise ValueError(
-                    f"Spectral LoRA adapter {name!r} of {self.layer_key} has a non-finite branch (NaN or inf in A, B "
-                    "or m): training diverged before the clamp could act. Lower the learning rate or "
-                    "magnitude_lr_ratio."
-                )
-            sigma = low_rank_spectral_norm(*factors).item()
+            sigma = self.spectral_norm(name)
             worst = max(worst, sigma / bound)
             if sigma > bound:
                 factor = math.sqrt(bound / sigma)
