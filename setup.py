@@ -28,10 +28,12 @@ setup(
     extras_require={
         "cuda": ["cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
         "examples": EXAMPLES,
+        "plot": ["matplotlib>=3.7"],
         "bench": [*EXAMPLES, "matplotlib>=3.7"],
         # CuPy and NVRTC install without a GPU: the tests compile every kernel for sm_80 and sm_90 with them.
-        "test": ["pytest>=8", *EXAMPLES, "cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
+        "test": ["pytest>=8", *EXAMPLES, "matplotlib>=3.7", "cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
     },
+    entry_points={"console_scripts": ["poet-peft = poet_peft.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

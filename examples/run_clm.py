@@ -199,6 +199,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--target_perplexity", type=float, help="report time-to-X: steps, tokens and seconds to this validation ppl"
     )
 
+    spec = parser.add_argument_group("spectral monitor (seed 002; `poet-peft plot metrics.jsonl -o DIR` draws it)")
+    spec.add_argument(
+        "--spec-monitor", "--spec_monitor", dest="spec_monitor", action="store_true", help="log spec/<module>/… metrics"
+    )
+    spec.add_argument("--spec-every", "--spec_every", dest="spec_every", type=int, default=100, help="every N steps")
+    spec.add_argument("--spec-topk", "--spec_topk", dest="spec_topk", type=int, default=8, help="k singular values")
+    spec.add_argument(
+        "--spec-targets", "--spec_targets", dest="spec_targets", default=BLOCK_LINEARS, help="module-name patterns"
+    )
+    spec.add_argument(
+        "--spec-source",
+        "--spec_source",
+        dest="spec_source",
+        choices=["weight", "grad", "momentum"],
+        default="weight",
+        help="decompose the effective weight, its gradient, or its Adam momentum (these two with --method adamw)",
+    )
+
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="out/run_clm")
     output.add_argument("--overwrite_output_dir", action="store_true", help="start over in a used --output_dir")
@@ -243,6 +261,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         "e4_warmup_steps",
         "e4_rank",
         "track_topk",
+        "spec_every",
+        "spec_topk",
     ):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -265,6 +285,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--track_directions_every takes N ≥ 0 (0: off) and --track_amplify a factor > 0")
     if args.track_amplify != 1.0 and not args.track_directions_every:
         parser.error("--track_amplify (variant 3B) needs --track_directions_every N to find the subspace")
+    if args.spec_source != "weight" and (args.method != "adamw" or args.e4 in ("svd", "random")):
+        parser.error(
+            f"--spec-source {args.spec_source} reads the targets' own weights, which --method {args.method} freezes "
+            "and --e4 svd/random splits: use --spec-source weight, or --method adamw without the split"
+        )
     for name in ("e4_lr_ratio", "magnitude_lr_ratio", "lora_alpha"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} {getattr(args, name)}: use a value > 0")
@@ -667,31 +692,6 @@ def save_merged_model(model: torch.nn.Module, state_dict: dict, tokenizer, desti
 
 
 # ------------------------------------------------------------------------------------------------------- logging
-class MetricsLog:
-    """metrics.jsonl in the output folder (main process only), plus the Accelerate trackers when configured."""
-
-    def __init__(self, accelerator: Accelerator, path: Path, resume_step: Optional[int], use_trackers: bool):
-        self.accelerator = accelerator
-        self.path = path
-        self.use_trackers = use_trackers
-        if accelerator.is_main_process:
-            kept = []
-            if resume_step is not None and path.is_file():
-                # Drop what the interrupted run logged after its last checkpoint: the resumed run logs it again.
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text("".join(line + "\n" for line in kept))
-            os.replace(partial, path)
-
-    def log(self, metrics: dict, step: int) -> None:
-        """Record metrics at an optimizer step, everywhere they go."""
-        if self.use_trackers:
-            self.accelerator.log(metrics, step=step)
-        if self.accelerator.is_main_process:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
 def check_tracker(report_to: str) -> None:
     """Fail early, naming the package to install, when the requested tracker is missing ("all" takes what is)."""
     module = TRACKER_MODULES.get(report_to)
@@ -749,10 +749,11 @@ def train(args: argparse.Namespace) -> dict:
             "shards; ORA's frozen Q/K are untested there). Use DDP (examples/configs/multi_gpu.yaml), or FSDP "
             "with --method adamw."
         )
-    if (args.e4 != "none" or args.track_directions_every) and accelerator.distributed_type == DistributedType.FSDP:
+    whole_matrices = args.e4 != "none" or args.track_directions_every or args.spec_monitor
+    if whole_matrices and accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError(
-            "--e4 and --track_directions_every work on whole weight matrices, which FSDP shards: use DDP or one "
-            "process."
+            "--e4, --track_directions_every and --spec-monitor work on whole weight matrices, which FSDP shards: "
+            "use DDP or one process."
         )
     if args.e4 in ("svd", "random") and accelerator.num_processes > 1:
         raise ValueError(
@@ -822,6 +823,11 @@ def train(args: argparse.Namespace) -> dict:
             args.track_amplify,
         )
         accelerator.register_for_checkpointing(directions)  # its subspaces, so that 3B resumes exactly
+    monitor = None
+    if args.spec_monitor:
+        monitor = poet_peft.SpectralMonitor(args.spec_targets, args.spec_every, args.spec_topk, args.spec_source)
+        monitor.bind(plain_model, optimizer)
+        accelerator.register_for_checkpointing(monitor)  # the start's spectra and the last subspaces
 
     position = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_seconds": 0.0}
     if args.resume_from_checkpoint:
@@ -830,9 +836,11 @@ def train(args: argparse.Namespace) -> dict:
         position = {**position, **json.loads((checkpoint / TRAINING_STATE).read_text())}
         if args.e4 != "none" and position["completed_steps"] >= args.e4_warmup_steps:
             switch.apply()  # the checkpoint holds the switched model and optimizer: rebuild their shape first
+            if monitor is not None:
+                monitor.bind(plain_model, optimizer)
         accelerator.load_state(str(checkpoint))
     resume_step = position["completed_steps"] if args.resume_from_checkpoint else None
-    metrics_log = MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step, args.report_to != "none")
+    metrics_log = poet_peft.MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step)
     if args.report_to != "none":
         config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("run_clm", config=config)
@@ -854,6 +862,8 @@ def train(args: argparse.Namespace) -> dict:
         desc=f"{args.method} training",
         dynamic_ncols=True,
     )
+    if monitor is not None and resume_step is None:
+        monitor.after_step(0, metrics_log)  # the spectra before training
     model.train()
     window = {"loss": torch.zeros((), device=accelerator.device), "steps": 0, "seconds": 0.0}
     train_seconds, session_tokens, last_eval = 0.0, 0, None
@@ -871,6 +881,8 @@ def train(args: argparse.Namespace) -> dict:
                     accelerator.clip_grad_norm_(model.parameters(), clip)
                 optimizer.step()
                 lr_scheduler.step()
+                if monitor is not None and accelerator.sync_gradients:  # before zero_grad: --spec-source grad
+                    monitor.after_step(position["completed_steps"] + 1, metrics_log)
                 optimizer.zero_grad()
             position["batches_in_epoch"] += 1
             if not accelerator.sync_gradients:
@@ -881,6 +893,8 @@ def train(args: argparse.Namespace) -> dict:
             hooks.after_step(step)
             if switch.due(step):
                 metrics_log.log(switch.apply(), step)
+                if monitor is not None:
+                    monitor.bind(plain_model, optimizer)  # the split layers are new modules
             if directions is not None:
                 measured = directions.after_step(step)
                 if measured:

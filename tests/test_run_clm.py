@@ -242,7 +242,8 @@ def test_e4_switch_resumes_exactly_and_exports_a_plain_model(cache, tmp_path):
         *NANO, "--block_size", "64", "--train_file", str(corpus), "--method", "adamw", "--max_train_steps", "12",
         "--e4", "svd", "--e4_warmup_steps", "5", "--e4_rank", "4", "--checkpointing_steps", "8",
         "--logging_steps", "1", "--eval_steps", "6", "--target_perplexity", "100000",
-        "--track_directions_every", "3", "--track_amplify", "2",
+        "--track_directions_every", "3", "--track_amplify", "2", "--spec-monitor", "--spec-every", "4",
+        "--spec-topk", "2",
     ]  # fmt: skip
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     result = run_script(cache, uninterrupted, *flags)
@@ -257,6 +258,15 @@ def test_e4_switch_resumes_exactly_and_exports_a_plain_model(cache, tmp_path):
     resumed = metrics(interrupted)
     assert series(resumed, "train/loss") == [(step, loss) for step, loss in series(records, "train/loss") if step > 8]
     assert '"time_to_target/steps": 6' in result.stdout  # reached before the checkpoint, remembered by it
+    # The monitor follows the split layers (their R + U·C·Vᵀ) and resumes its series: drift against the step-0
+    # spectra, cosines against the step-8 subspaces.
+    spectral = [record for record in records if "spec/seconds" in record]
+    assert [record["step"] for record in spectral] == [0, 4, 8, 12]
+    key = "spec/model.layers.0.self_attn.q_proj/"
+    resumed_spectral = [record for record in resumed if "spec/seconds" in record]
+    assert [record["step"] for record in resumed_spectral] == [12]
+    for metric in ("sv1", "sv2", "spectrum_drift", "cos_u_mean", "cos_v1", "delta_sv_rel", "hyperspherical_energy"):
+        assert resumed_spectral[0][key + metric] == pytest.approx(spectral[-1][key + metric], rel=1e-9, abs=1e-12)
     final = load_file(interrupted / "model" / "model.safetensors")
     reference = load_file(uninterrupted / "model" / "model.safetensors")
     assert final.keys() == reference.keys() and not any("core" in key or "principal" in key for key in final)
@@ -348,6 +358,39 @@ def test_killed_run_resumes_exactly_on_the_uninterrupted_loss_curve(cache, tmp_p
     )
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[name], reference[name]) for name in reference)
+
+
+def test_spectral_monitor_logs_seed_002_metrics_that_poet_peft_plot_draws(cache, tmp_path):
+    flags = [*NANO, "--max_train_steps", "20", "--merge_every", "10", "--eval_steps", "20"]
+    run_script(cache, tmp_path / "poet", *flags, "--spec-monitor", "--spec-every", "10", "--spec-topk", "3")
+    records = [record for record in metrics(tmp_path / "poet") if "spec/seconds" in record]
+    assert [record["step"] for record in records] == [0, 10, 20]
+    module = "spec/model.layers.1.mlp.up_proj/"
+    names = {key[len(module) :] for key in records[1] if key.startswith(module)}
+    assert names == {
+        "sigma_max", "sv1", "sv2", "sv3", "delta_sv_rel", "cos_u1", "cos_u2", "cos_u3", "cos_v1", "cos_v2", "cos_v3",
+        "cos_u_max", "cos_u_mean", "cos_v_max", "cos_v_mean", "spectrum_drift", "hyperspherical_energy",
+        "orth_err_R", "orth_err_P",
+    }  # fmt: skip
+    assert len([key for key in records[1] if key.endswith("/sigma_max")]) == 14  # run_clm's default targets
+    run_script(
+        cache, tmp_path / "adamw", *flags, "--method", "adamw", "--learning_rate", "3e-3", "--spec-monitor",
+        "--spec-every", "10", "--spec-source", "momentum", "--spec-targets", "down_proj",
+    )  # fmt: skip
+    momentum = [record for record in metrics(tmp_path / "adamw") if "spec/seconds" in record]
+    assert [record["step"] for record in momentum] == [10, 20]  # no momentum before the first step
+    assert all("spectrum_drift" not in key for key in momentum[0])
+
+    console_script = Path(sys.executable).with_name("poet-peft")
+    command = [str(console_script), "plot", str(tmp_path / "poet" / "metrics.jsonl"), str(tmp_path / "adamw" /
+               "metrics.jsonl"), "-o", str(tmp_path / "plots")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    names = ["sigma_max", "spectra", "principal_cosines", "spectrum_drift", "orthogonality"]
+    assert result.stdout.split() == [str(tmp_path / "plots" / f"{name}.png") for name in names]
+    for name in names:
+        png = (tmp_path / "plots" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def test_two_process_accelerate_launch_keeps_ranks_identical_through_merges(cache, tmp_path):
@@ -450,6 +493,9 @@ def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
         ),
         (["--report_to", "comet"], "choose from 'none', 'tensorboard', 'wandb', 'trackio', 'all'"),
         (["--max_train_steps", "0"], "--max_train_steps 0: use an integer ≥ 1"),
+        (["--spec-every", "0"], "--spec_every 0: use an integer ≥ 1"),
+        (["--spec-source", "grad"], "--spec-source grad reads the targets' own weights, which --method poet freezes"),
+        (["--spec-source", "svd"], "invalid choice: 'svd' (choose from 'weight', 'grad', 'momentum')"),
     ],
 )
 def test_bad_flags_are_rejected_with_the_valid_choices(flags, message, capsys):

@@ -19,6 +19,7 @@ register_tuner("poet", POETConfig, POETModel)
 register_tuner("ora", ORAConfig, ORAModel)
 register_tuner("spectral_lora", SpectralLoRAConfig, SpectralLoRAModel)
 
+from .monitor import MetricsLog, SpectralMonitor, SpectralMonitorCallback  # noqa: E402
 from .principal import (  # noqa: E402
     PrincipalLinear,
     extract_principal,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MergeSchedule",
+    "MetricsLog",
     "ORAConfig",
     "ORALinear",
     "ORAModel",
@@ -55,6 +57,8 @@ __all__ = [
     "SpectralLoRAConfig",
     "SpectralLoRALinear",
     "SpectralLoRAModel",
+    "SpectralMonitor",
+    "SpectralMonitorCallback",
     "StableDirections",
     "add_param_group",
     "clamp_spectral_norms",

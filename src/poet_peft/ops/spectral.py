@@ -73,3 +73,24 @@ def projection_energy(matrix: torch.Tensor, left: torch.Tensor, right: torch.Ten
     total = matrix.square().sum()
     inside = (left.double().t() @ matrix @ right.double()).square().sum()
     return (inside / total).item() if total > 0 else 0.0
+
+
+def hyperspherical_energy(matrix: torch.Tensor, rows_per_chunk: int = 1024) -> float:
+    """HE(W) = Σ_{i≠j} ‖ŵᵢ − ŵⱼ‖⁻¹ over W's rows normalised to unit length, in float64 (POET's and OFT's measure).
+
+    Unchanged by any rotation applied to all rows alike (W·Q for orthogonal Q). Distances come from the Gram matrix,
+    ‖ŵᵢ − ŵⱼ‖² = ‖ŵᵢ‖² + ‖ŵⱼ‖² − 2·ŵᵢ·ŵⱼ, a block of rows at a time, so memory stays at rows_per_chunk × rows.
+    Coincident rows make the energy infinite; a zero row stays the zero vector.
+    """
+    rows = matrix.detach().double()
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    squared_norms = rows.square().sum(dim=1)
+    energy = rows.new_zeros(())
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        chunk = rows[start : start + rows_per_chunk]
+        squared = squared_norms[start : start + rows_per_chunk, None] + squared_norms[None] - 2 * chunk @ rows.t()
+        squared = squared.clamp_min(0)
+        # Pair (i, i) is not a pair: mask the diagonal of this block out rather than let it add 1/0.
+        squared[torch.arange(chunk.shape[0]), torch.arange(start, start + chunk.shape[0])] = float("inf")
+        energy += squared.rsqrt().sum()
+    return energy.item()

@@ -117,6 +117,15 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             for top in range(0, stop - start, self.in_features)
         )
 
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) weight the layer applies now, in float64: for a fused layer, with the V rows trained here."""
+        weight = self.logical_weight().double()
+        split = [name for name in self.active_adapters if name in self.ora_value_weight]
+        if self.merged or not split:  # as forward: the draws are in the base weight, enabled or not
+            return weight
+        stop = self.ora_projections[split[0]][-1][1]
+        return torch.cat([weight[:stop], self.ora_value_weight[split[0]].double()])
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's forward; for a fused layer with frozen Q/K, on [Q; K from the base; V trained here]."""
         split = [name for name in self.active_adapters if name in self.ora_value_weight]

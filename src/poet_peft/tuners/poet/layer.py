@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -19,6 +20,7 @@ from ...ops.blocks import (
     rotate_weight,
 )
 from ...ops.initialization import initial_weight
+from ...ops.orthogonal import orthogonality_error
 from ...ops.seeding import seeded_generator
 from ..linear import LinearWeightMixin
 from .config import POETConfig
@@ -156,6 +158,30 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             left, right = self.rotations(name, torch.float64)
             weight = rotate_weight(weight, left.inverse(), right.inverse())
         return weight
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) weight the layer applies now, in float64: R·W0·P for the active adapters, as forward has it."""
+        if self.disable_adapters:
+            return self.unrotated_weight(self.merged_adapters) if self.merged else self.logical_weight().double()
+        if self.merged:
+            return self.logical_weight().double()
+        return self.rotated_weight(self._active_poet_adapters())
+
+    @torch.no_grad()
+    def orthogonality_errors(self) -> tuple[float, float]:
+        """‖RRᵀ − I‖_F and ‖PPᵀ − I‖_F of the active adapters' rotations (the largest over adapters), in float64.
+
+        Zero for exact Cayley; Cayley–Neumann's truncation leaves an error that grows with ‖Q‖. The permutations and
+        the identity outside the blocks add nothing, so each is the root sum of squares over the blocks.
+        """
+        errors = [
+            [
+                math.sqrt(sum(orthogonality_error(group).square().sum().item() for group in rotation.blocks))
+                for rotation in self.rotations(name, torch.float64)
+            ]
+            for name in self._active_poet_adapters()
+        ]
+        return max((e[0] for e in errors), default=0.0), max((e[1] for e in errors), default=0.0)
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

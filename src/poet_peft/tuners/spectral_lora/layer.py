@@ -95,6 +95,15 @@ class SpectralLoRALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         delta = delta.t() if self.fan_in_fan_out else delta
         return delta.to(self.get_base_layer().weight.dtype)
 
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) weight the layer applies now, in float64: the base weight plus each active, unmerged branch."""
+        weight = self.logical_weight().double()
+        if self.disable_adapters or self.merged:
+            return weight
+        for name in (name for name in self.active_adapters if name in self.spectral_lora_config):
+            weight = weight + self._scaled_left(name).double() @ self.spectral_lora_A[name].double()
+        return weight
+
     @torch.no_grad()
     def spectral_norm(self, adapter_name: str) -> float:
         """σ_max(ΔW), exactly, from the r×r factors of B and A; raises if the branch holds NaN or inf."""

@@ -1,0 +1,322 @@
+"""SpectralMonitor (seed 002): the spectra of chosen weight matrices during training, and the loggers it writes to.
+
+Every `every` optimizer steps, for each module whose name matches a target pattern, a top-k SVD of a matrix M (the
+module's effective weight, its gradient, or its Adam first moment) gives, under `spec/<module>/`:
+- `sigma_max` and `sv1`..`svk`;
+- `delta_sv_rel` = ‖s_t − s_{t−1}‖/‖s_{t−1}‖ against the previous measurement;
+- `cos_u1`..`cos_uk`, `cos_v1`..`cos_vk`: the principal cosines of the top-k left and right singular subspaces
+  against the previous measurement's, largest first, and their `cos_u_max`, `cos_u_mean`, `cos_v_max`, `cos_v_mean`.
+With source="weight" also `spectrum_drift` = ‖s_t − s_0‖/‖s_0‖ of the top-k singular values against those at `bind`
+time and the rows' `hyperspherical_energy`; for POET layers `orth_err_R` and `orth_err_P` (‖RRᵀ − I‖_F).
+`spec/seconds` is what the measurement took. Module names drop PEFT's `base_model.model.`, so a PEFT-wrapped run
+and a plain one log the same keys.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import extract_model_from_parallel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import TrainerCallback
+from transformers.pytorch_utils import Conv1D
+
+from .ops.seeding import seeded_generator
+from .ops.spectral import hyperspherical_energy, principal_cosines, top_singular
+
+SOURCES = ("weight", "grad", "momentum")
+PEFT_PREFIX = "base_model.model."
+
+
+def _relative_change(reference: torch.Tensor, current: torch.Tensor) -> float:
+    return ((current - reference).norm() / reference.norm().clamp_min(torch.finfo(reference.dtype).tiny)).item()
+
+
+@torch.no_grad()
+def probed_weight(layer: nn.Module, in_features: int) -> torch.Tensor:
+    """The (out, in) matrix a linear layer applies, read off its outputs: column j is f(e_j) − f(0), in float64.
+
+    For adapter layers that have no closed form here (PEFT's own LoRA, OFT, …). Dropout is off while probing.
+    """
+    weight = next(layer.parameters())
+    was_training = layer.training
+    layer.eval()
+    try:
+        offset = layer(torch.zeros(1, in_features, dtype=weight.dtype, device=weight.device)).double()
+        eye = torch.eye(in_features, dtype=weight.dtype, device=weight.device)
+        columns = [layer(eye[start : start + 1024]).double() - offset for start in range(0, in_features, 1024)]
+    finally:
+        layer.train(was_training)
+    return torch.cat(columns).t()
+
+
+class SpectralMonitor:
+    """Seed 002's spectral metrics of the modules matching `targets`, every `every` optimizer steps.
+
+    `targets` are module-name patterns, as a list or one comma-separated string: a pattern matches a name it equals or
+    ends with after a dot ("q_proj", "self_attn.q_proj"), and may use glob wildcards ("layers.0.*"). `source` picks
+    the matrix: the module's effective weight (POET's R·W0·P, a LoRA's W + ΔW), its gradient, or its Adam first
+    moment (exp_avg); the latter two need the module's own weight to train. Matrices larger than 1024 on a side get a
+    randomized top-k SVD drawn from `seed`, never from the global RNG. Call `bind(model, optimizer)` once, then
+    `after_step(step, accelerator)` after every `optimizer.step()` and before `zero_grad()` (source="grad" reads the
+    gradients); `SpectralMonitorCallback` does both inside Trainer.
+    """
+
+    def __init__(
+        self,
+        targets: Union[str, Iterable[str]],
+        every: int = 100,
+        topk: int = 8,
+        source: Literal["weight", "grad", "momentum"] = "weight",
+        seed: int = 0,
+    ):
+        patterns = [p.strip() for p in (targets.split(",") if isinstance(targets, str) else targets)]
+        if not all(patterns) or not patterns:
+            raise ValueError(f"SpectralMonitor: targets={targets!r} holds an empty pattern; give module-name patterns.")
+        if source not in SOURCES:
+            raise ValueError(f"SpectralMonitor: source={source!r} is not valid; use one of {', '.join(SOURCES)}.")
+        if every < 1 or topk < 1:
+            raise ValueError(f"SpectralMonitor: every={every} and topk={topk} must both be ≥ 1.")
+        self.patterns, self.every, self.topk, self.source, self.seed = patterns, every, topk, source, seed
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizer = None
+        self.initial_values: dict[str, torch.Tensor] = {}
+        self.previous: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.seconds = 0.0
+        self._logs: dict[int, MetricsLog] = {}
+
+    def matches(self, name: str) -> bool:
+        """Whether a module name matches one of the target patterns."""
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in self.patterns)
+
+    def bind(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> SpectralMonitor:
+        """Find the target modules of `model` (the optimizer is needed for source="momentum"); returns self.
+
+        With source="weight" the top-k singular values now are the reference that `spectrum_drift` is measured from,
+        unless a resumed `load_state_dict` brought the original ones.
+        """
+        model = extract_model_from_parallel(model)
+        found: dict[str, nn.Module] = {}
+        for name, module in model.named_modules():
+            name = name.removeprefix(PEFT_PREFIX)
+            inside_found = any(name.startswith(parent + ".") for parent in found)
+            if not inside_found and _has_matrix(module) and self.matches(name):
+                found[name] = module
+        if not found:
+            names = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if _has_matrix(m)})
+            raise ValueError(
+                f"SpectralMonitor: no module matches targets {', '.join(self.patterns)}. This model's weight matrices "
+                f"are named: {', '.join(names) or '(none)'}."
+            )
+        if self.source == "momentum" and optimizer is None:
+            raise ValueError("SpectralMonitor: source='momentum' reads Adam's exp_avg; pass the optimizer to bind().")
+        if self.source != "weight":
+            for name, module in found.items():
+                _trained_weight(name, module, self.source)
+        self.modules, self.optimizer = found, optimizer
+        if self.source == "weight":
+            for name, module in found.items():
+                if name not in self.initial_values:
+                    matrix = self._matrix(module)
+                    self.initial_values[name] = top_singular(matrix, self.topk, self._generator(name, 0))[1]
+        return self
+
+    def _generator(self, name: str, step: int) -> torch.Generator:
+        return seeded_generator(self.seed, "spectral-monitor", name, step)
+
+    def _matrix(self, module: nn.Module) -> Optional[torch.Tensor]:
+        # The (out, in) matrix to decompose; None while a gradient or momentum does not exist yet.
+        if self.source == "weight":
+            if hasattr(module, "effective_weight"):
+                return module.effective_weight()
+            if isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                return probed_weight(module, base.weight.shape[0 if isinstance(base, Conv1D) else 1])
+            return module.weight.t() if isinstance(module, Conv1D) else module.weight
+        weight = module.weight
+        tensor = weight.grad if self.source == "grad" else self.optimizer.state.get(weight, {}).get("exp_avg")
+        if tensor is None:
+            return None
+        return tensor.t() if isinstance(module, Conv1D) else tensor
+
+    @torch.no_grad()
+    def measure(self, step: int) -> dict[str, float]:
+        """Measure every target now; the metrics, named `spec/<module>/<metric>` ({} while no matrix exists yet)."""
+        if not self.modules:
+            raise RuntimeError("SpectralMonitor.measure: call bind(model) first.")
+        start = time.perf_counter()
+        metrics = {}
+        for name, module in self.modules.items():
+            matrix = self._matrix(module)
+            if matrix is None:
+                continue
+            matrix = matrix.detach().double()
+            left, values, right = top_singular(matrix, min(self.topk, *matrix.shape), self._generator(name, step))
+            prefix = f"spec/{name}/"
+            metrics[prefix + "sigma_max"] = values[0].item()
+            metrics.update({f"{prefix}sv{i}": value for i, value in enumerate(values.tolist(), 1)})
+            if name in self.previous:
+                old_values, old_left, old_right = (t.to(matrix.device) for t in self.previous[name])
+                metrics[prefix + "delta_sv_rel"] = _relative_change(old_values, values)
+                cosines_by_side = {"u": principal_cosines(old_left, left), "v": principal_cosines(old_right, right)}
+                for side, cosines in cosines_by_side.items():
+                    metrics.update({f"{prefix}cos_{side}{i}": c for i, c in enumerate(cosines.tolist(), 1)})
+                    metrics[f"{prefix}cos_{side}_max"] = cosines.max().item()
+                    metrics[f"{prefix}cos_{side}_mean"] = cosines.mean().item()
+            if self.source == "weight":
+                metrics[prefix + "spectrum_drift"] = _relative_change(self.initial_values[name].to(values), values)
+                metrics[prefix + "hyperspherical_energy"] = hyperspherical_energy(matrix)
+                if hasattr(module, "orthogonality_errors"):
+                    metrics[prefix + "orth_err_R"], metrics[prefix + "orth_err_P"] = module.orthogonality_errors()
+            self.previous[name] = (values, left, right)
+        if not metrics:  # no gradient or momentum yet: nothing to log
+            return {}
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        metrics["spec/seconds"] = elapsed
+        return metrics
+
+    def after_step(self, step: int, log: Union[Accelerator, MetricsLog, None] = None) -> dict[str, float]:
+        """After optimizer step `step`: on a multiple of `every`, measure and log (main process only); else `{}`.
+
+        `log` is an Accelerator (its trackers, or `spectral_metrics.jsonl` in its project_dir when it has none)
+        or a MetricsLog; None only returns the metrics.
+        """
+        if step % self.every or not PartialState().is_main_process:
+            return {}
+        metrics = self.measure(step)
+        if isinstance(log, Accelerator):
+            if id(log) not in self._logs:  # one log per accelerator: a second would refuse the first one's file
+                self._logs[id(log)] = MetricsLog(log)
+            log = self._logs[id(log)]
+        if log is not None and metrics:
+            log.log(metrics, step)
+        return metrics
+
+    def state_dict(self) -> dict:
+        """The reference spectra and the last measurement, so that a resumed run continues the same series."""
+        return {
+            "initial_values": dict(self.initial_values),
+            "previous": {name: list(triplet) for name, triplet in self.previous.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` saved."""
+        self.initial_values = dict(state["initial_values"])
+        self.previous = {name: tuple(triplet) for name, triplet in state["previous"].items()}
+
+
+def _has_matrix(module: nn.Module) -> bool:
+    if hasattr(module, "effective_weight") or isinstance(module, BaseTunerLayer):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2
+
+
+def _trained_weight(name: str, module: nn.Module, source: str) -> nn.Parameter:
+    weight = getattr(module, "weight", None)
+    if isinstance(module, BaseTunerLayer) or not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+        raise ValueError(
+            f"SpectralMonitor: source={source!r} needs {name}'s own weight to train, but it is a "
+            f"{type(module).__name__} whose weight is frozen (its adapter trains instead). Use source='weight', or "
+            "targets whose weights train."
+        )
+    return weight
+
+
+class JsonlLog:
+    """Append `{"step": …, **metrics}` lines to a file; a resumed run first drops what came after its checkpoint."""
+
+    def __init__(self, path: Union[str, os.PathLike], resume_step: Optional[int] = None):
+        self.path = Path(path)
+        if resume_step is None and self.path.is_file() and self.path.stat().st_size:
+            raise FileExistsError(
+                f"{self.path} holds the metrics of an earlier run. Delete it or log elsewhere, or pass the step you "
+                "resume from to continue it."
+            )
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, self.path)  # a crash mid-write leaves the old file whole
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Append one line."""
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+class MetricsLog:
+    """Metrics to Accelerate's trackers (TensorBoard, W&B, trackio, …) and to a JSONL file, from the main process.
+
+    The file is written whenever `path` is given, and as the fallback when the accelerator has no tracker:
+    `spectral_metrics.jsonl` in its project_dir (or the working directory).
+    """
+
+    def __init__(
+        self, accelerator: Accelerator, path: Union[str, os.PathLike, None] = None, resume_step: Optional[int] = None
+    ):
+        self.accelerator = accelerator
+        self.use_trackers = bool(accelerator.log_with)
+        if path is None and not self.use_trackers:
+            path = Path(accelerator.project_dir or ".") / "spectral_metrics.jsonl"
+        self.file = JsonlLog(path, resume_step) if path is not None and accelerator.is_main_process else None
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Record metrics at an optimizer step, everywhere they go."""
+        if self.use_trackers:
+            self.accelerator.log(metrics, step=step)
+        if self.file is not None:
+            self.file.log(metrics, step)
+
+
+class SpectralMonitorCallback(TrainerCallback):
+    """Runs a SpectralMonitor inside transformers.Trainer: `trainer.add_callback(SpectralMonitorCallback(trainer, m))`.
+
+    It binds the monitor to Trainer's model and optimizer, measures at step 0 and after every `every`-th optimizer
+    step (while gradients still exist), and logs through `trainer.log`, so every `report_to` integration and the
+    trainer state's log history get the metrics. With `report_to="none"` they also go to
+    `<output_dir>/spectral_metrics.jsonl`.
+    """
+
+    def __init__(self, trainer, monitor: SpectralMonitor):
+        self.trainer = trainer
+        self.monitor = monitor
+        self.pending: dict[str, float] = {}
+        self.file: Optional[JsonlLog] = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Bind to the model and optimizer Trainer built, and take the step-0 measurement of a fresh run."""
+        self.monitor.bind(model, optimizer)
+        if not args.report_to and state.is_world_process_zero:  # TrainingArguments turns "none" into []
+            path = Path(args.output_dir) / "spectral_metrics.jsonl"
+            self.file = JsonlLog(path, resume_step=state.global_step or None)
+        if state.global_step == 0:
+            self.pending = self.monitor.after_step(0)
+            self.on_step_end(args, state, control)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        """Measure right after the optimizer step, before Trainer zeroes the gradients."""
+        self.pending = self.monitor.after_step(state.global_step + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Log what the step measured, now that Trainer counts the step."""
+        if self.pending:
+            self._log(self.pending, state.global_step)
+            self.pending = {}
+
+    def _log(self, metrics: dict, step: int) -> None:
+        self.trainer.log(metrics)
+        if self.file is not None:
+            self.file.log(metrics, step)
