@@ -56,3 +56,25 @@ def test_bench_e4_reports_time_to_x_final_perplexity_and_clamp_cost(tmp_path):
     assert table["b0"][0] in ("1/2", "2/2") and table["b0"][4].split(" ± ")[0].replace(".", "").isdigit()
     assert all(float(row[4].split(" ± ")[0]) > 1 for row in map(table.get, ["b0", "e4", "b3"]))
     assert "Spectral clamp (b3):" in text and " ms per step" in text
+
+
+def test_bench_monitor_measures_its_overhead_and_draws_both_runs(tmp_path):
+    record = tmp_path / "RESULTS.md"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    toy = ["--model_size", "nano", "--steps", "4", "--every", "2", "--topk", "2"]
+    output = ["--record", str(record), "--plot_dir", str(tmp_path / "plots")]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_monitor.py", *toy, *output],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in record.read_text().splitlines()]
+    table = {row[0]: row[1:] for row in cells if len(row) == 8}
+    assert [table[name][:2] for name in ("adamw", "poet")] == [["14", "2"], ["14", "2"]]  # steps 2 and 4, not 0
+    assert all(0 < float(table[name][4].rstrip("%")) < 100 for name in ("adamw", "poet"))
+    assert sorted(path.name for path in (tmp_path / "plots").iterdir()) == [
+        "orthogonality.png", "principal_cosines.png", "sigma_max.png", "spectra.png", "spectrum_drift.png",
+    ]  # fmt: skip
