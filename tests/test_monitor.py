@@ -328,3 +328,83 @@ def test_plot_command_rejects_bad_input_with_a_clear_message(tmp_path, capsys):
         cli.main(["plot", str(plain), "-o", str(tmp_path / "out")])
     assert "is not a metrics JSONL file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------------- robustness (review findings)
+def test_the_probe_is_exact_for_a_bf16_layer_with_a_large_bias():
+    base = nn.Sequential(nn.Linear(64, 48))
+    with torch.no_grad():
+        base[0].bias.fill_(4.0)
+    model = get_peft_model(base.to(torch.bfloat16), LoraConfig(r=4, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1, generator=generator(9))
+    expected = layer.base_layer.weight.double() + layer.scaling["default"] * (
+        layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+    )
+    measured = poet_peft.SpectralMonitor("0", every=1, topk=8).bind(model).measure(1)
+    values = torch.linalg.svdvals(expected)[:8].tolist()
+    assert [measured[f"spec/0/sv{i}"] for i in range(1, 9)] == pytest.approx(values, rel=1e-9)
+
+
+def test_a_non_finite_matrix_is_reported_and_training_goes_on():
+    model = tiny_llama()
+    monitor = poet_peft.SpectralMonitor("down_proj", every=1, topk=2).bind(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    measured = monitor.measure(1)
+    assert measured["spec/model.layers.0.mlp.down_proj/nonfinite"] == 1.0
+    assert "spec/model.layers.1.mlp.down_proj/sigma_max" in measured
+
+
+def test_unreadable_targets_and_a_changed_topk_are_refused():
+    lora_embedding = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="cannot read model.embed_tokens: it is a Embedding adapter over a Embedding"):
+        poet_peft.SpectralMonitor("embed_tokens").bind(lora_embedding)
+    state = poet_peft.SpectralMonitor("q_proj", topk=4).bind(tiny_llama()).state_dict()
+    with pytest.raises(ValueError, match="saved state has topk=4, this monitor topk=2"):
+        poet_peft.SpectralMonitor("q_proj", topk=2).load_state_dict(state)
+
+
+def test_a_restored_monitor_continues_its_fallback_jsonl(tmp_path):
+    model = tiny_llama()
+    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path)))
+    first = poet_peft.SpectralMonitor("down_proj", every=2, topk=2).bind(model)
+    for step in (2, 4):
+        first.after_step(step, accelerator)
+    state = first.state_dict()  # a checkpoint after step 4; the run then logged step 6 and crashed mid-line
+    first.after_step(6, accelerator)
+    with (tmp_path / "spectral_metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 8, "spec/mod')
+    resumed = poet_peft.SpectralMonitor("down_proj", every=2, topk=2).bind(model)
+    resumed.load_state_dict(state)
+    resumed.after_step(6, Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path))))
+    lines = [json.loads(line) for line in (tmp_path / "spectral_metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6]
+    assert "spec/model.layers.0.mlp.down_proj/cos_u_mean" in lines[2]  # against the restored step-4 subspace
+
+
+def test_trainer_resume_continues_the_monitor_series(tmp_path):
+    def train(output_dir: Path, resume: bool) -> list[dict]:
+        trainer = tiny_trainer(tiny_llama().train(), output_dir, steps=4)
+        trainer.args.save_strategy, trainer.args.save_steps = "steps", 2
+        trainer.add_callback(poet_peft.SpectralMonitorCallback(trainer, poet_peft.SpectralMonitor("q_proj", every=2)))
+        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-2") if resume else None)
+        return [json.loads(line) for line in (output_dir / "spectral_metrics.jsonl").read_text().splitlines()]
+
+    uninterrupted = train(tmp_path / "a", resume=False)
+    resumed = train(tmp_path / "a", resume=True)  # from checkpoint-2, over the same folder
+    assert [line["step"] for line in uninterrupted] == [0, 2, 4] and [line["step"] for line in resumed] == [0, 2, 4]
+    key = "spec/model.layers.1.self_attn.q_proj/"
+    for metric in ("spectrum_drift", "cos_u_mean", "delta_sv_rel", "sv1"):
+        assert resumed[2][key + metric] == pytest.approx(uninterrupted[2][key + metric], rel=1e-6)
+
+
+def test_plots_survive_a_zero_energy_and_a_single_measurement(tmp_path):
+    from poet_peft.plots import SpectralSeries, plot_runs
+
+    record = {"step": 0, "spec/head/sigma_max": 1.0, "spec/head/sv1": 1.0, "spec/head/spectrum_drift": 0.0}
+    series = SpectralSeries([{**record, "spec/head/hyperspherical_energy": 0.0}])
+    assert [path.name for path in plot_runs({"one": series}, tmp_path)] == [
+        "sigma_max.png", "spectra.png", "spectrum_drift.png",
+    ]  # fmt: skip

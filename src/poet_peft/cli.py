@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plot_command(args: argparse.Namespace) -> list[Path]:
     """Read the metrics files and write the PNGs."""
-    labels = args.labels.split(",") if args.labels else [path.resolve().parent.name for path in args.metrics]
+    if args.labels:
+        labels = args.labels.split(",")
+    else:  # each file's folder name, or its whole path where two folders share a name
+        labels = [path.resolve().parent.name for path in args.metrics]
+        if len(set(labels)) != len(labels):
+            labels = [str(path.resolve().parent) for path in args.metrics]
     if len(labels) != len(args.metrics) or len(set(labels)) != len(labels):
         raise ValueError(
             f"--labels gives {len(labels)} names ({', '.join(labels)}) for {len(args.metrics)} metrics files: give "

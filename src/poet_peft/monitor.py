@@ -14,6 +14,7 @@ and a plain one log the same keys.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import os
@@ -29,12 +30,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .ops.seeding import seeded_generator
 from .ops.spectral import hyperspherical_energy, principal_cosines, top_singular
 
 SOURCES = ("weight", "grad", "momentum")
 PEFT_PREFIX = "base_model.model."
+MONITOR_STATE = "spectral_monitor.pt"
 
 
 def _relative_change(reference: torch.Tensor, current: torch.Tensor) -> float:
@@ -45,17 +48,14 @@ def _relative_change(reference: torch.Tensor, current: torch.Tensor) -> float:
 def probed_weight(layer: nn.Module, in_features: int) -> torch.Tensor:
     """The (out, in) matrix a linear layer applies, read off its outputs: column j is f(e_j) − f(0), in float64.
 
-    For adapter layers that have no closed form here (PEFT's own LoRA, OFT, …). Dropout is off while probing.
+    For adapter layers that have no closed form here (PEFT's own LoRA, OFT, …). It probes a float64 copy in eval
+    mode (no dropout), so neither a half-precision bias's rounding nor the layer's own training mode enters.
     """
-    weight = next(layer.parameters())
-    was_training = layer.training
-    layer.eval()
-    try:
-        offset = layer(torch.zeros(1, in_features, dtype=weight.dtype, device=weight.device)).double()
-        eye = torch.eye(in_features, dtype=weight.dtype, device=weight.device)
-        columns = [layer(eye[start : start + 1024]).double() - offset for start in range(0, in_features, 1024)]
-    finally:
-        layer.train(was_training)
+    probe = copy.deepcopy(layer).to(torch.float64).eval()
+    device = next(probe.parameters()).device
+    offset = probe(torch.zeros(1, in_features, dtype=torch.float64, device=device))
+    eye = torch.eye(in_features, dtype=torch.float64, device=device)
+    columns = [probe(eye[start : start + 1024]) - offset for start in range(0, in_features, 1024)]
     return torch.cat(columns).t()
 
 
@@ -91,7 +91,8 @@ class SpectralMonitor:
         self.optimizer = None
         self.initial_values: dict[str, torch.Tensor] = {}
         self.previous: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.seconds = 0.0
+        self.last_step: Optional[int] = None  # of the latest measurement: where a resumed JSONL log continues
+        self._restored = False
         self._logs: dict[int, MetricsLog] = {}
 
     def matches(self, name: str) -> bool:
@@ -104,7 +105,7 @@ class SpectralMonitor:
         With source="weight" the top-k singular values now are the reference that `spectrum_drift` is measured from,
         unless a resumed `load_state_dict` brought the original ones.
         """
-        model = extract_model_from_parallel(model)
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
         found: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
             name = name.removeprefix(PEFT_PREFIX)
@@ -117,13 +118,21 @@ class SpectralMonitor:
                 f"SpectralMonitor: no module matches targets {', '.join(self.patterns)}. This model's weight matrices "
                 f"are named: {', '.join(names) or '(none)'}."
             )
+        for name, module in found.items():
+            if not hasattr(module, "effective_weight") and isinstance(module, BaseTunerLayer):
+                if not isinstance(module.get_base_layer(), (nn.Linear, Conv1D)):
+                    raise ValueError(
+                        f"SpectralMonitor cannot read {name}: it is a {type(module).__name__} adapter over a "
+                        f"{type(module.get_base_layer()).__name__}, and only Linear and Conv1D layers have a weight "
+                        "matrix it can read. Leave it out of targets."
+                    )
         if self.source == "momentum" and optimizer is None:
             raise ValueError("SpectralMonitor: source='momentum' reads Adam's exp_avg; pass the optimizer to bind().")
         if self.source != "weight":
             for name, module in found.items():
-                _trained_weight(name, module, self.source)
+                _check_trained_weight(name, module, self.source)
         self.modules, self.optimizer = found, optimizer
-        if self.source == "weight":
+        if self.source == "weight" and PartialState().is_main_process:  # only the main process measures
             for name, module in found.items():
                 if name not in self.initial_values:
                     matrix = self._matrix(module)
@@ -160,6 +169,9 @@ class SpectralMonitor:
             if matrix is None:
                 continue
             matrix = matrix.detach().double()
+            if not torch.isfinite(matrix).all():  # a diverged weight or an fp16 overflow step: say so, keep training
+                metrics[f"spec/{name}/nonfinite"] = 1.0
+                continue
             left, values, right = top_singular(matrix, min(self.topk, *matrix.shape), self._generator(name, step))
             prefix = f"spec/{name}/"
             metrics[prefix + "sigma_max"] = values[0].item()
@@ -177,12 +189,11 @@ class SpectralMonitor:
                 metrics[prefix + "hyperspherical_energy"] = hyperspherical_energy(matrix)
                 if hasattr(module, "orthogonality_errors"):
                     metrics[prefix + "orth_err_R"], metrics[prefix + "orth_err_P"] = module.orthogonality_errors()
-            self.previous[name] = (values, left, right)
+            self.previous[name] = (values.cpu(), left.cpu(), right.cpu())  # off the GPU between measurements
         if not metrics:  # no gradient or momentum yet: nothing to log
             return {}
-        elapsed = time.perf_counter() - start
-        self.seconds += elapsed
-        metrics["spec/seconds"] = elapsed
+        self.last_step = step
+        metrics["spec/seconds"] = time.perf_counter() - start
         return metrics
 
     def after_step(self, step: int, log: Union[Accelerator, MetricsLog, None] = None) -> dict[str, float]:
@@ -193,11 +204,12 @@ class SpectralMonitor:
         """
         if step % self.every or not PartialState().is_main_process:
             return {}
-        metrics = self.measure(step)
         if isinstance(log, Accelerator):
             if id(log) not in self._logs:  # one log per accelerator: a second would refuse the first one's file
-                self._logs[id(log)] = MetricsLog(log)
+                # A restored monitor continues its file after its last measurement; a fresh one starts it.
+                self._logs[id(log)] = MetricsLog(log, resume_step=self.last_step if self._restored else None)
             log = self._logs[id(log)]
+        metrics = self.measure(step)
         if log is not None and metrics:
             log.log(metrics, step)
         return metrics
@@ -205,14 +217,23 @@ class SpectralMonitor:
     def state_dict(self) -> dict:
         """The reference spectra and the last measurement, so that a resumed run continues the same series."""
         return {
+            "topk": self.topk,
+            "last_step": self.last_step,
             "initial_values": dict(self.initial_values),
             "previous": {name: list(triplet) for name, triplet in self.previous.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` saved."""
+        """Restore what `state_dict` saved (by a monitor with the same topk)."""
+        if state["topk"] != self.topk:
+            raise ValueError(
+                f"SpectralMonitor: the saved state has topk={state['topk']}, this monitor topk={self.topk}: its "
+                "spectra and subspaces cannot continue. Resume with the same topk, or start a new log."
+            )
+        self.last_step = state["last_step"]
         self.initial_values = dict(state["initial_values"])
         self.previous = {name: tuple(triplet) for name, triplet in state["previous"].items()}
+        self._restored = True
 
 
 def _has_matrix(module: nn.Module) -> bool:
@@ -222,7 +243,7 @@ def _has_matrix(module: nn.Module) -> bool:
     return isinstance(weight, nn.Parameter) and weight.dim() == 2
 
 
-def _trained_weight(name: str, module: nn.Module, source: str) -> nn.Parameter:
+def _check_trained_weight(name: str, module: nn.Module, source: str) -> None:
     weight = getattr(module, "weight", None)
     if isinstance(module, BaseTunerLayer) or not isinstance(weight, nn.Parameter) or not weight.requires_grad:
         raise ValueError(
@@ -230,7 +251,14 @@ def _trained_weight(name: str, module: nn.Module, source: str) -> nn.Parameter:
             f"{type(module).__name__} whose weight is frozen (its adapter trains instead). Use source='weight', or "
             "targets whose weights train."
         )
-    return weight
+
+
+def _step_of(line: str, unreadable: int) -> int:
+    # A line cut short by a crash mid-write counts as `unreadable` (past the resume point: dropped).
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return unreadable
 
 
 class JsonlLog:
@@ -240,12 +268,14 @@ class JsonlLog:
         self.path = Path(path)
         if resume_step is None and self.path.is_file() and self.path.stat().st_size:
             raise FileExistsError(
-                f"{self.path} holds the metrics of an earlier run. Delete it or log elsewhere, or pass the step you "
-                "resume from to continue it."
+                f"{self.path} holds the metrics of an earlier run. Delete it or log elsewhere, or pass "
+                "resume_step=<the step you resume from> to continue it."
             )
         kept = []
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if _step_of(line, resume_step + 1) <= resume_step
+            ]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + ".partial")
         partial.write_text("".join(line + "\n" for line in kept))
@@ -287,7 +317,8 @@ class SpectralMonitorCallback(TrainerCallback):
     It binds the monitor to Trainer's model and optimizer, measures at step 0 and after every `every`-th optimizer
     step (while gradients still exist), and logs through `trainer.log`, so every `report_to` integration and the
     trainer state's log history get the metrics. With `report_to="none"` they also go to
-    `<output_dir>/spectral_metrics.jsonl`.
+    `<output_dir>/spectral_metrics.jsonl`. Each checkpoint gets the monitor's state (`spectral_monitor.pt`), and a
+    resumed run continues the same series from it.
     """
 
     def __init__(self, trainer, monitor: SpectralMonitor):
@@ -297,14 +328,27 @@ class SpectralMonitorCallback(TrainerCallback):
         self.file: Optional[JsonlLog] = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Bind to the model and optimizer Trainer built, and take the step-0 measurement of a fresh run."""
+        """Bind to the model and optimizer Trainer built; restore a resumed run's state, or measure step 0."""
+        if self.trainer.is_fsdp_enabled:
+            raise ValueError("SpectralMonitorCallback reads whole weight matrices, which FSDP shards: use DDP.")
         self.monitor.bind(model, optimizer)
+        saved = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / MONITOR_STATE
+        if state.global_step and saved.is_file():
+            self.monitor.load_state_dict(torch.load(saved, weights_only=True))
         if not args.report_to and state.is_world_process_zero:  # TrainingArguments turns "none" into []
             path = Path(args.output_dir) / "spectral_metrics.jsonl"
             self.file = JsonlLog(path, resume_step=state.global_step or None)
         if state.global_step == 0:
             self.pending = self.monitor.after_step(0)
             self.on_step_end(args, state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Save the monitor's state into the checkpoint Trainer just wrote."""
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            partial = folder / (MONITOR_STATE + ".partial")
+            torch.save(self.monitor.state_dict(), partial)
+            os.replace(partial, folder / MONITOR_STATE)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         """Measure right after the optimizer step, before Trainer zeroes the gradients."""
@@ -317,6 +361,6 @@ class SpectralMonitorCallback(TrainerCallback):
             self.pending = {}
 
     def _log(self, metrics: dict, step: int) -> None:
-        self.trainer.log(metrics)
+        self.trainer.log(dict(metrics))  # a copy: Trainer adds its epoch to what it is given
         if self.file is not None:
             self.file.log(metrics, step)

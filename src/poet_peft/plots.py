@@ -160,12 +160,17 @@ def plot_spectra(runs: dict[str, SpectralSeries], path: Path) -> Path:
     return _save(figure, path)
 
 
+def _relative_to_first(values: list[float]) -> list[float]:
+    # HE is 0 for a one-row matrix: nothing to be relative to.
+    return [value / values[0] - 1 if values[0] else math.nan for value in values]
+
+
 def plot_spectrum_drift(runs: dict[str, SpectralSeries], path: Path) -> Path:
     """Spectrum drift and relative hyperspherical energy over training, runs overlaid (thin: modules, bold: mean)."""
     figure, axes = _panels(2)
     panels = (
         (axes[0], "spectrum_drift", "‖s_t − s_0‖ / ‖s_0‖ (top-k)", lambda values: values),
-        (axes[1], "hyperspherical_energy", "HE_t / HE_0 − 1", lambda values: [v / values[0] - 1 for v in values]),
+        (axes[1], "hyperspherical_energy", "HE_t / HE_0 − 1", _relative_to_first),
     )
     for axis, metric, ylabel, transform in panels:
         for index, (label, series) in enumerate(runs.items()):
