@@ -19,10 +19,8 @@ Time-to-X is the first evaluation step at which a run's perplexity is ≤ X, in 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ from tqdm.auto import tqdm
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import run_clm  # noqa: E402
+from clm_runs import run_clm_process  # noqa: E402
 from reporting import publish  # noqa: E402
 
 
@@ -60,18 +59,14 @@ VARIANTS = ("b0", "e4", "b1", "b2", "b3", "3b")
 
 def train_variant(name: str, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
     """Run run_clm.py for one variant and seed in its own process; its evaluations and training seconds."""
-    output_dir = workdir / f"{name}-{seed}"
-    command = [
-        sys.executable, str(EXAMPLES / "run_clm.py"), *variant_flags(name, args),
+    flags = [
+        *variant_flags(name, args),
         "--model_size", args.model_size, "--learning_rate", str(args.lr), "--seed", str(seed),
         "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.batch_size),
         "--max_train_steps", str(args.steps), "--eval_steps", str(args.eval_every), "--logging_steps", "5",
-        "--max_eval_samples", str(args.eval_sequences), "--output_dir", str(output_dir),
+        "--max_eval_samples", str(args.eval_sequences),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"{name} (seed {seed}) failed:\n{result.stderr[-3000:]}")
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = run_clm_process(f"{name} (seed {seed})", flags, workdir / f"{name}-{seed}")["records"]
     seconds, elapsed, previous_step, evals, clamp_ms, step_ms, stable = 0.0, {}, 0, [], [], [], []
     for record in records:
         if "train/tokens_per_second" in record:

@@ -12,51 +12,38 @@ writes `poet-peft plot`'s PNGs of all runs side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from clm_runs import run_clm_process
+from reporting import publish
 from tqdm.auto import tqdm
 
 from poet_peft.plots import SpectralSeries, plot_runs
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from reporting import publish  # noqa: E402
 
 METHODS = {"adamw": ["--method", "adamw", "--learning_rate", "3e-3"], "poet": ["--method", "poet"]}
 
 
 def train(name: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """One monitored run_clm.py run in its own process: its summary, monitor seconds and metrics file."""
-    output_dir = workdir / name
-    command = [
-        sys.executable, str(ROOT / "examples" / "run_clm.py"), *METHODS[name],
+    """One monitored run_clm.py run in its own process: its summary, monitor seconds and spectral series."""
+    flags = [
+        *METHODS[name],
         "--model_size", args.model_size, "--max_train_steps", str(args.steps), "--eval_steps", str(args.steps),
-        "--logging_steps", "50", "--seed", str(args.seed), "--output_dir", str(output_dir),
+        "--logging_steps", "50", "--seed", str(args.seed),
         "--spec-monitor", "--spec-every", str(args.every), "--spec-topk", str(args.topk),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
-    summary = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    measured = [record for record in records if "spec/seconds" in record and record["step"] > 0]
-    monitor_seconds = sum(record["spec/seconds"] for record in measured)
-    train_seconds = summary["tokens"] / summary["train/tokens_per_second"]
+    run = run_clm_process(name, flags, workdir / name)
+    measured = [record for record in run["records"] if "spec/seconds" in record and record["step"] > 0]
     return {
-        "summary": summary,
+        "summary": run["summary"],
         "measurements": len(measured),
-        "monitor_seconds": monitor_seconds,
-        "train_seconds": train_seconds,
-        "modules": len(SpectralSeries(records).modules),
-        "metrics": output_dir / "metrics.jsonl",
+        "monitor_seconds": sum(record["spec/seconds"] for record in measured),
+        "train_seconds": run["summary"]["tokens"] / run["summary"]["train/tokens_per_second"],
+        "series": SpectralSeries(run["records"]),
     }
 
 
@@ -75,10 +62,10 @@ def report(results: dict, args: argparse.Namespace, elapsed: float) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
-        series = SpectralSeries([json.loads(line) for line in result["metrics"].read_text().splitlines()])
+        series = result["series"]
         drifts = [series.series(module, "spectrum_drift")[1][-1] for module in series.modules]
         lines.append(
-            f"| {name} | {result['modules']} | {result['measurements']} | {result['monitor_seconds']:.2f} | "
+            f"| {name} | {len(series.modules)} | {result['measurements']} | {result['monitor_seconds']:.2f} | "
             f"{result['train_seconds']:.1f} | {100 * result['monitor_seconds'] / result['train_seconds']:.2f}% | "
             f"{result['summary']['eval/perplexity']:.2f} | {sum(drifts) / len(drifts):.2e} |"
         )
@@ -103,7 +90,7 @@ def main() -> None:
         results = {name: train(name, args, Path(workdir)) for name in tqdm(args.methods, desc="monitored runs")}
         publish(report(results, args, time.time() - started), args.record)
         if args.plot_dir:
-            runs = {name: SpectralSeries.read(result["metrics"]) for name, result in results.items()}
+            runs = {name: result["series"] for name, result in results.items()}
             for path in plot_runs(runs, args.plot_dir):
                 print(path)
 

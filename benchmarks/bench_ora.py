@@ -15,10 +15,8 @@ training steps (forward, backward, AdamW) alternate on the same batch, and each 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import run_clm  # noqa: E402
+from clm_runs import run_clm_process  # noqa: E402
 from reporting import publish  # noqa: E402
 
 VARIANTS = {
@@ -56,21 +55,15 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 
 def train_variant(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Run run_clm.py for one variant in its own process; its summary, parameter counts and loss curve."""
-    output_dir = workdir / name
-    command = [
-        sys.executable, str(EXAMPLES / "run_clm.py"), *common_flags(args), *VARIANTS[name],
+    flags = [
+        *common_flags(args), *VARIANTS[name],
         "--max_train_steps", str(args.steps), "--eval_steps", str(args.steps), "--logging_steps", "10",
-        "--output_dir", str(output_dir),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
-    counts = next(line for line in result.stdout.splitlines() if line.startswith("trainable parameters"))
+    run = run_clm_process(name, flags, workdir / name)
+    counts = next(line for line in run["stdout"].splitlines() if line.startswith("trainable parameters"))
     trainable, total = (int(part.replace(",", "")) for part in counts.split(":")[1].split("(")[0].split(" of "))
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(record["train/tokens"], record["train/loss"]) for record in records if "train/loss" in record]
-    summary = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
-    return {"summary": summary, "trainable": trainable, "total": total, "curve": curve}
+    curve = [(record["train/tokens"], record["train/loss"]) for record in run["records"] if "train/loss" in record]
+    return {"summary": run["summary"], "trainable": trainable, "total": total, "curve": curve}
 
 
 def step_seconds(args: argparse.Namespace, names: list[str]) -> dict[str, float]:

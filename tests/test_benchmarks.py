@@ -10,22 +10,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_ora_trains_times_and_records_each_variant(tmp_path):
+def run_benchmark(tmp_path: Path, script: str, *flags: str) -> str:
+    """Run benchmarks/<script> offline with --record; the Markdown it appended (fails with its stderr if it fails)."""
     record = tmp_path / "RESULTS.md"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    command = [sys.executable, f"benchmarks/{script}", *flags, "--record", str(record)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return record.read_text()
+
+
+def table_rows(text: str, columns: int) -> dict[str, list[str]]:
+    """The rows of the Markdown tables in text that have `columns` cells, keyed by their first cell."""
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()]
+    return {row[0]: row[1:] for row in cells if len(row) == columns}
+
+
+def test_bench_ora_trains_times_and_records_each_variant(tmp_path):
     toy = ["--model_size", "nano", "--steps", "2", "--batch_size", "2", "--block_size", "32"]
     timing = ["--timing_rounds", "1", "--timing_steps", "1"]
     variants = ["--variants", "vanilla", "ora", "synthesizer_factorized"]
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_ora.py", *toy, *timing, *variants, "--record", str(record)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in record.read_text().splitlines()]
-    table = {row[0]: row[1:] for row in cells if len(row) == 6}
+    table = table_rows(run_benchmark(tmp_path, "bench_ora.py", *toy, *timing, *variants), 6)
     # nano: d=64, 2 layers, 2 heads. ORA freezes 2·64²·2 = 16,384 weights; the Synthesizer swaps Q/K (16,384) for
     # R1, R2 of 2 heads × 32 positions × 16 per layer (4,096).
     assert table["vanilla"][1:] == ["+0.0%", table["vanilla"][2], "1.000", "1,149,248 of 1,149,248"]
@@ -35,21 +40,10 @@ def test_bench_ora_trains_times_and_records_each_variant(tmp_path):
 
 
 def test_bench_e4_reports_time_to_x_final_perplexity_and_clamp_cost(tmp_path):
-    record = tmp_path / "RESULTS.md"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     toy = ["--steps", "4", "--warmup", "2", "--eval_every", "2", "--eval_sequences", "4", "--rank", "2"]
     shape = ["--batch_size", "2", "--block_size", "32", "--seeds", "0", "1", "--variants", "b0", "e4", "b3"]
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_e4.py", *toy, *shape, "--record", str(record)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    text = record.read_text()
-    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()]
-    table = {row[0]: row[1:] for row in cells if len(row) == 8}
+    text = run_benchmark(tmp_path, "bench_e4.py", *toy, *shape)
+    table = table_rows(text, 8)
     assert set(table) == {"variant", "---", "b0", "e4", "b3"}
     # X is b0's own mean perplexity at step 2 (70% of 4 steps, rounded to an evaluation): at least one b0 seed
     # reaches it there, and every final perplexity is a number.
@@ -59,20 +53,8 @@ def test_bench_e4_reports_time_to_x_final_perplexity_and_clamp_cost(tmp_path):
 
 
 def test_bench_monitor_measures_its_overhead_and_draws_both_runs(tmp_path):
-    record = tmp_path / "RESULTS.md"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     toy = ["--model_size", "nano", "--steps", "4", "--every", "2", "--topk", "2"]
-    output = ["--record", str(record), "--plot_dir", str(tmp_path / "plots")]
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_monitor.py", *toy, *output],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in record.read_text().splitlines()]
-    table = {row[0]: row[1:] for row in cells if len(row) == 8}
+    table = table_rows(run_benchmark(tmp_path, "bench_monitor.py", *toy, "--plot_dir", str(tmp_path / "plots")), 8)
     assert [table[name][:2] for name in ("adamw", "poet")] == [["14", "2"], ["14", "2"]]  # steps 2 and 4, not 0
     assert all(0 < float(table[name][4].rstrip("%")) < 100 for name in ("adamw", "poet"))
     assert sorted(path.name for path in (tmp_path / "plots").iterdir()) == [

@@ -117,22 +117,29 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             for top in range(0, stop - start, self.in_features)
         )
 
+    def _split_value_rows(self) -> Optional[tuple[str, int]]:
+        # The active adapter whose V rows train apart from the base weight, and where those rows start; None when
+        # the layer applies its base weight as it is (merged, or not a fused layer with frozen Q/K).
+        split = [name for name in self.active_adapters if name in self.ora_value_weight]
+        if self.merged or not split:
+            return None
+        return split[0], self.ora_projections[split[0]][-1][1]
+
     def effective_weight(self) -> torch.Tensor:
         """The (out, in) weight the layer applies now, in float64: for a fused layer, with the V rows trained here."""
         weight = self.logical_weight().double()
-        split = [name for name in self.active_adapters if name in self.ora_value_weight]
-        if self.merged or not split:  # as forward: the draws are in the base weight, enabled or not
+        split = self._split_value_rows()
+        if split is None:  # as forward: the draws are in the base weight, enabled or not
             return weight
-        stop = self.ora_projections[split[0]][-1][1]
-        return torch.cat([weight[:stop], self.ora_value_weight[split[0]].double()])
+        name, stop = split
+        return torch.cat([weight[:stop], self.ora_value_weight[name].double()])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's forward; for a fused layer with frozen Q/K, on [Q; K from the base; V trained here]."""
-        split = [name for name in self.active_adapters if name in self.ora_value_weight]
-        if self.merged or not split:
+        split = self._split_value_rows()
+        if split is None:
             return self.base_layer(x, *args, **kwargs)
-        name = split[0]
-        stop = self.ora_projections[name][-1][1]
+        name, stop = split
         base_weight = self.logical_weight()
         # PEFT keeps adapter parameters of a half-precision model in fp32 (its autocast_adapter_dtype): the V rows
         # train in fp32 and compute in the base layer's dtype.
