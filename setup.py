@@ -4,8 +4,9 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# What examples/run_clm.py needs: datasets for data, tokenizers for its BPE, tensorboard for --report_to tensorboard.
-EXAMPLES = ["datasets>=3.0", "tokenizers>=0.21", "tensorboard>=2.14"]
+# What the examples need: datasets for data, tokenizers for run_clm's BPE, tensorboard for --report_to tensorboard,
+# evaluate for run_glue's metrics.
+EXAMPLES = ["datasets>=3.0", "tokenizers>=0.21", "tensorboard>=2.14", "evaluate>=0.4"]
 
 setup(
     name="poet-peft",
@@ -17,7 +18,8 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"poet_peft": ["csrc/*.cu"]},  # compiled at run time by CuPy
+    # The CUDA sources are compiled at run time by CuPy; the GLUE metric is a local `evaluate` module.
+    package_data={"poet_peft": ["csrc/*.cu", "evaluate_modules/glue/*.py"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0",
@@ -31,7 +33,16 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "bench": [*EXAMPLES, "matplotlib>=3.7"],
         # CuPy and NVRTC install without a GPU: the tests compile every kernel for sm_80 and sm_90 with them.
-        "test": ["pytest>=8", *EXAMPLES, "matplotlib>=3.7", "cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
+        # scikit-learn and scipy are the references the GLUE metric is tested against.
+        "test": [
+            "pytest>=8",
+            *EXAMPLES,
+            "matplotlib>=3.7",
+            "scikit-learn>=1.4",
+            "scipy>=1.11",
+            "cupy-cuda13x>=14.2",
+            "nvidia-cuda-nvrtc==13.0.*",
+        ],
     },
     entry_points={"console_scripts": ["poet-peft = poet_peft.cli:main"]},
     classifiers=[

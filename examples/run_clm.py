@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,6 +34,20 @@ from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from peft import PeftModel, get_peft_model
+from run_utils import (
+    TRAINING_STATE,
+    NoStepHooks,
+    SpectralClampHooks,
+    add_output_arguments,
+    add_spec_arguments,
+    check_positive,
+    check_tracker,
+    local_file_extension,
+    parameter_summary,
+    prepare_output_dir,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -47,6 +59,7 @@ from transformers import (
 )
 
 import poet_peft
+from poet_peft.export import replace_folder
 from poet_peft.synthesizer import SYNTHESIZERS, install_synthesizer
 
 logger = get_logger(__name__)
@@ -70,7 +83,6 @@ MODEL_SIZES = {
 # Outside the transformer-block linears everything trains in full with AdamW at the base lr, as in the paper.
 TRAINED_IN_FULL = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"]
 BLOCK_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -199,38 +211,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--target_perplexity", type=float, help="report time-to-X: steps, tokens and seconds to this validation ppl"
     )
 
-    spec = parser.add_argument_group("spectral monitor (seed 002; `poet-peft plot metrics.jsonl -o DIR` draws it)")
-    spec.add_argument(
-        "--spec-monitor", "--spec_monitor", dest="spec_monitor", action="store_true", help="log spec/<module>/… metrics"
+    add_spec_arguments(
+        parser,
+        BLOCK_LINEARS,
+        "decompose the effective weight, its gradient, or its Adam momentum (these two with --method adamw)",
     )
-    spec.add_argument("--spec-every", "--spec_every", dest="spec_every", type=int, default=100, help="every N steps")
-    spec.add_argument("--spec-topk", "--spec_topk", dest="spec_topk", type=int, default=8, help="k singular values")
-    spec.add_argument(
-        "--spec-targets", "--spec_targets", dest="spec_targets", default=BLOCK_LINEARS, help="module-name patterns"
-    )
-    spec.add_argument(
-        "--spec-source",
-        "--spec_source",
-        dest="spec_source",
-        choices=["weight", "grad", "momentum"],
-        default="weight",
-        help="decompose the effective weight, its gradient, or its Adam momentum (these two with --method adamw)",
-    )
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="out/run_clm")
-    output.add_argument("--overwrite_output_dir", action="store_true", help="start over in a used --output_dir")
+    output = add_output_arguments(parser, "out/run_clm")
     output.add_argument("--logging_steps", type=int, default=10)
     output.add_argument("--eval_steps", type=int, default=200, help="validate every N steps (and at the end)")
-    output.add_argument("--checkpointing_steps", type=int, help="save a resumable checkpoint every N steps")
-    output.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
-    output.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" in --output_dir')
-    output.add_argument(
-        "--report_to",
-        choices=["none", "tensorboard", "wandb", "trackio", "all"],
-        default="none",
-        help="Accelerate trackers; metrics.jsonl is always written",
-    )
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -246,27 +234,28 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--streaming applies to --dataset_name only")
     if args.streaming and args.max_train_steps is None:
         parser.error("a streamed dataset has no length: pass --max_train_steps")
-    for name in (
-        "block_size",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "eval_steps",
-        "checkpointing_steps",
-        "checkpoints_total_limit",
-        "max_train_steps",
-        "merge_every",
-        "synthesizer_factor_dim",
-        "lora_r",
-        "e4_warmup_steps",
-        "e4_rank",
-        "track_topk",
-        "spec_every",
-        "spec_topk",
-    ):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} {value}: use an integer ≥ 1")
+    check_positive(
+        parser,
+        args,
+        [
+            "block_size",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "max_train_steps",
+            "merge_every",
+            "synthesizer_factor_dim",
+            "lora_r",
+            "e4_warmup_steps",
+            "e4_rank",
+            "track_topk",
+            "spec_every",
+            "spec_topk",
+        ],
+    )
     if not 0 < args.validation_split_percentage < 100:
         parser.error(f"--validation_split_percentage {args.validation_split_percentage}: use a value in (0, 100)")
     if args.block is not None and (args.mode == "fs") != isinstance(args.block, float):
@@ -296,16 +285,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------------- data
+BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json"}
+
+
 def data_files_builder(path: str) -> str:
-    """The `datasets` builder for a local file: text for .txt, json for .json/.jsonl (also gzipped)."""
-    suffixes = [suffix for suffix in Path(path).suffixes if suffix not in (".gz", ".bz2", ".xz", ".zst")]
-    extension = suffixes[-1] if suffixes else ""
-    builders = {".txt": "text", ".json": "json", ".jsonl": "json"}
-    if extension not in builders:
-        raise ValueError(f"{path}: unsupported file type {extension!r}; use .txt, .json or .jsonl (optionally .gz)")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return builders[extension]
+    """The `datasets` builder for a local file: text for .txt, json for .json/.jsonl (also compressed)."""
+    return BUILDERS[local_file_extension(path, tuple(BUILDERS))]
 
 
 def load_raw_splits(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -467,18 +452,6 @@ def base_learning_rate(args: argparse.Namespace) -> float:
     return MODEL_SIZES[args.model_size]["lr"] if not args.config_name else 1e-3
 
 
-class NoStepHooks:
-    """Per-step hooks for methods that need none: the clip norm as given, nothing after the step."""
-
-    def clip_norm(self, max_norm: float, step: int) -> float:
-        """The clip norm for the next optimizer step."""
-        return max_norm
-
-    def after_step(self, step: int) -> bool:
-        """Nothing to do after an optimizer step."""
-        return False
-
-
 @dataclass
 class Method:
     """A training method: how it wraps the model, its optimizer groups, and its per-step hooks."""
@@ -545,31 +518,6 @@ def wrap_spectral_lora(model: torch.nn.Module, args: argparse.Namespace) -> torc
     return get_peft_model(model, config)
 
 
-class SpectralClampHooks(NoStepHooks):
-    """Clamp σ_max(ΔW) after every optimizer step, timing it and keeping the largest σ/bound seen before a clamp."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model = model
-        self.seconds = 0.0
-        self.steps = 0
-        self.worst_ratio = 0.0
-
-    def after_step(self, step: int) -> bool:
-        """Clamp; says whether any branch was over its bound."""
-        start = time.perf_counter()
-        ratio = poet_peft.clamp_spectral_norms(self.model)
-        self.seconds += time.perf_counter() - start
-        self.steps += 1
-        self.worst_ratio = max(self.worst_ratio, ratio)
-        return ratio > 1
-
-    def metrics(self) -> dict:
-        """Clamp cost per step (ms) and the largest σ_max(ΔW)/bound met before clamping, since the last call."""
-        record = {"train/clamp_ms": 1000 * self.seconds / max(self.steps, 1), "train/clamp_ratio_max": self.worst_ratio}
-        self.seconds, self.steps, self.worst_ratio = 0.0, 0, 0.0
-        return record
-
-
 METHODS = {
     "adamw": Method(wrap=lambda model, args: model, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
     "poet": Method(wrap=wrap_poet, param_groups=param_groups, step_hooks=poet_peft.MergeSchedule),
@@ -607,70 +555,7 @@ class PrincipalSwitch:
         return {"e4/switched_layers": len(group["params"]), "e4/lr": self.optimizer.param_groups[-1]["lr"]}
 
 
-def parameter_summary(model: torch.nn.Module) -> str:
-    """Trainable, frozen and total parameters; a module kept in two copies (PEFT's modules_to_save) counts once."""
-    counted = [param for name, param in model.named_parameters() if ".original_module." not in name]
-    trainable = sum(param.numel() for param in counted if param.requires_grad)
-    total = sum(param.numel() for param in counted)
-    poet = sum(param.numel() for param in poet_peft.poet_parameters(model))
-    detail = f" (POET Q: {poet:,})" if poet else ""
-    return (
-        f"trainable parameters: {trainable:,}{detail} of {total:,} ({100 * trainable / total:.2f}%); "
-        f"frozen: {total - trainable:,}"
-    )
-
-
-# --------------------------------------------------------------------------------------------------- checkpoints
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
-TRAINING_STATE = "training_state.json"
-
-
-def completed_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints in output_dir/checkpoints, oldest first (unfinished `.partial` ones excluded)."""
-    folder = output_dir / "checkpoints"
-    found = [path for path in folder.glob("step_*") if CHECKPOINT_PATTERN.match(path.name)] if folder.is_dir() else []
-    found = [path for path in found if (path / TRAINING_STATE).is_file()]
-    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)))
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, position: dict, keep: Optional[int]) -> Path:
-    """Save model (with POET's Q, permutations and merge counts), optimizer, scheduler, RNG and data position.
-
-    Written to `step_N.partial` and renamed once complete, so a crash mid-save never leaves a broken checkpoint.
-    """
-    final = output_dir / "checkpoints" / f"step_{position['completed_steps']}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / TRAINING_STATE).write_text(json.dumps(position, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        if keep:
-            for old in completed_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
-    """The checkpoint folder named by --resume_from_checkpoint: a path, or "latest" in output_dir."""
-    if spec == "latest":
-        found = completed_checkpoints(output_dir)
-        if not found:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints"
-            )
-        return found[-1]
-    path = Path(spec)
-    if not (path / TRAINING_STATE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINING_STATE})")
-    return path
-
-
+# -------------------------------------------------------------------------------------------------------- saving
 def save_merged_model(model: torch.nn.Module, state_dict: dict, tokenizer, destination: Path) -> None:
     """Fold any adapter into the weights and save a plain Transformers model (safetensors) and its tokenizer.
 
@@ -684,19 +569,7 @@ def save_merged_model(model: torch.nn.Module, state_dict: dict, tokenizer, desti
     else:
         model.save_pretrained(partial, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
-    previous = destination.with_name(destination.name + ".previous")
-    if destination.exists():
-        os.replace(destination, previous)
-    os.replace(partial, destination)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------------- logging
-def check_tracker(report_to: str) -> None:
-    """Fail early, naming the package to install, when the requested tracker is missing ("all" takes what is)."""
-    module = TRACKER_MODULES.get(report_to)
-    if module and importlib.util.find_spec(module) is None:
-        raise ImportError(f"--report_to {report_to} needs the {module} package: pip install {module}")
+    replace_folder(partial, destination)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -714,24 +587,6 @@ def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def prepare_output_dir(args: argparse.Namespace) -> Path:
-    """The output folder; refuses to start a new run over an old one unless told to, since that loses its files."""
-    output_dir = Path(args.output_dir)
-    previous = [output_dir / name for name in ("metrics.jsonl", "checkpoints", "model")]
-    if any(path.exists() for path in previous) and not args.resume_from_checkpoint:
-        if not args.overwrite_output_dir:
-            raise FileExistsError(
-                f"{output_dir} holds a previous run. Pass --resume_from_checkpoint latest to continue it, "
-                "--overwrite_output_dir to delete it and start over, or another --output_dir."
-            )
-        state = PartialState()
-        if state.is_main_process:
-            for path in previous:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        state.wait_for_everyone()
-    return output_dir
-
-
 def train(args: argparse.Namespace) -> dict:
     """Build data, tokenizer and model, train with the chosen method, validate, and return the run's objects."""
     check_tracker(args.report_to)
@@ -765,7 +620,7 @@ def train(args: argparse.Namespace) -> dict:
     logging.getLogger(__name__).setLevel(logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
-    prepare_output_dir(args)
+    prepare_output_dir(args, ("metrics.jsonl", "checkpoints", "model"))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
@@ -784,6 +639,7 @@ def train(args: argparse.Namespace) -> dict:
         shuffle=not args.streaming,
         collate_fn=collate_packed,
         batch_size=args.per_device_train_batch_size,
+        generator=torch.Generator().manual_seed(args.seed),  # not the global RNG, which checkpoints restore
     )
     eval_loader = torch.utils.data.DataLoader(
         eval_data, collate_fn=collate_packed, batch_size=args.per_device_eval_batch_size

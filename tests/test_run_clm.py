@@ -23,6 +23,7 @@ SCRIPT = ROOT / "examples" / "run_clm.py"
 CPU_DDP_CONFIG = ROOT / "examples" / "configs" / "cpu_ddp.yaml"
 sys.path.insert(0, str(ROOT / "examples"))
 import run_clm  # noqa: E402
+import run_utils  # noqa: E402
 
 VOCAB = 512
 NANO = ["--model_size", "nano", "--vocab_size", str(VOCAB), "--block_size", "128"]
@@ -343,7 +344,7 @@ def test_killed_run_resumes_exactly_on_the_uninterrupted_loss_curve(cache, tmp_p
     assert not (interrupted / "model").exists()
     # A crash in the middle of saving leaves a .partial folder behind; resuming must not take it for a checkpoint.
     (interrupted / "checkpoints" / "step_28.partial").mkdir()
-    resumed_from = run_clm.completed_checkpoints(interrupted)[-1]
+    resumed_from = run_utils.completed_checkpoints(interrupted)[-1]
     assert 8 <= int(resumed_from.name.split("_")[1]) < 30
 
     result = run_script(cache, interrupted, *flags, "--resume_from_checkpoint", "latest")
@@ -516,7 +517,7 @@ def test_spectral_lora_optimizer_groups_follow_the_flags():
 
 
 def test_bad_data_and_output_folders_fail_before_losing_anything(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match=r"unsupported file type '\.csv'; use \.txt, \.json or \.jsonl"):
+    with pytest.raises(ValueError, match=r"unsupported file type '\.csv'; use \.txt, \.json, \.jsonl"):
         run_clm.load_raw_splits(run_clm.parse_args(["--train_file", "data.csv"]))
     corpus = small_corpus(tmp_path / "corpus.jsonl", 20)
     with pytest.raises(ValueError, match=r"--text_column 'body' is not in the data; its columns: \['title', 'text'\]"):
@@ -524,14 +525,14 @@ def test_bad_data_and_output_folders_fail_before_losing_anything(tmp_path, monke
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest to continue it"):
-        run_clm.prepare_output_dir(run_clm.parse_args(["--output_dir", str(tmp_path)]))
+        run_utils.prepare_output_dir(run_clm.parse_args(["--output_dir", str(tmp_path)]), ("metrics.jsonl",))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        run_clm.resolve_checkpoint("latest", tmp_path)
+        run_utils.resolve_checkpoint("latest", tmp_path)
 
-    monkeypatch.setattr(run_clm.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(run_utils.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="--report_to wandb needs the wandb package: pip install wandb"):
-        run_clm.check_tracker("wandb")
+        run_utils.check_tracker("wandb")
 
 
 def test_defaults_follow_the_paper():

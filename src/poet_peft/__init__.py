@@ -19,6 +19,8 @@ register_tuner("poet", POETConfig, POETModel)
 register_tuner("ora", ORAConfig, ORAModel)
 register_tuner("spectral_lora", SpectralLoRAConfig, SpectralLoRAModel)
 
+from .export import HubPushError, export_merged, load_merged, save_finetuned  # noqa: E402
+from .glue_metric import load_glue_metric  # noqa: E402
 from .monitor import MetricsLog, SpectralMonitor, SpectralMonitorCallback  # noqa: E402
 from .principal import (  # noqa: E402
     PrincipalLinear,
@@ -43,6 +45,7 @@ from .training import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "HubPushError",
     "MergeSchedule",
     "MetricsLog",
     "ORAConfig",
@@ -63,8 +66,11 @@ __all__ = [
     "add_param_group",
     "clamp_spectral_norms",
     "create_param_groups",
+    "export_merged",
     "extract_principal",
     "fold_principal",
+    "load_glue_metric",
+    "load_merged",
     "magnitude_parameters",
     "matching_linears",
     "merge_and_reinit",
@@ -73,6 +79,7 @@ __all__ = [
     "poet_parameters",
     "principal_cores",
     "reset_optimizer_state",
+    "save_finetuned",
     "spectral_lora_layers",
     "summarize_directions",
 ]

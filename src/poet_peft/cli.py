@@ -1,4 +1,8 @@
-"""The `poet-peft` command: `poet-peft plot METRICS.jsonl [...] -o DIR` draws a run's spectral metrics."""
+"""The `poet-peft` command.
+
+`poet-peft plot METRICS.jsonl [...] -o DIR` draws a run's spectral metrics; `poet-peft export --adapter DIR --out DIR`
+writes a merged, Hub-ready checkpoint of a finetuned adapter (`--push-to-hub REPO_ID` uploads it).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .export import HubPushError, export_merged
 from .plots import SpectralSeries, plot_runs
 
 
@@ -22,6 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("metrics", nargs="+", type=Path, help="metrics JSONL files (run_clm's metrics.jsonl, …)")
     plot.add_argument("-o", "--output_dir", "--output-dir", type=Path, required=True, help="where the PNGs go")
     plot.add_argument("--labels", help="comma-separated run names (default: each file's folder name)")
+    export = commands.add_parser(
+        "export",
+        help="a merged checkpoint of a finetuned adapter, with a model card, ready for the Hub",
+        description="Merge an adapter into its base model and write safetensors weights, config, tokenizer, "
+        "generation config and a model card that plain Transformers loads; optionally push it to the Hub.",
+    )
+    export.add_argument("--adapter", type=Path, required=True, help="the adapter folder (or a fully finetuned model)")
+    export.add_argument("--base", help="the base model (Hub id or folder); default: the one adapter_config.json names")
+    export.add_argument("--out", type=Path, required=True, help="where the merged model goes")
+    export.add_argument("--push-to-hub", "--push_to_hub", dest="push_to_hub", metavar="REPO_ID", help="upload it")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     return parser
 
 
@@ -45,7 +61,14 @@ def plot_command(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-COMMANDS = {"plot": plot_command}
+def export_command(args: argparse.Namespace) -> Path:
+    """Merge and write the checkpoint, then push it if asked."""
+    folder = export_merged(args.adapter, args.out, args.base, args.push_to_hub, args.overwrite)
+    print(f"Merged model written to {folder}" + (f" and pushed to {args.push_to_hub}" if args.push_to_hub else ""))
+    return folder
+
+
+COMMANDS = {"plot": plot_command, "export": export_command}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -54,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, HubPushError) as error:
         parser.exit(2, f"poet-peft {args.command}: error: {error}\n")
     return 0
 

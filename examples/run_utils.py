@@ -1,0 +1,216 @@
+"""What run_clm.py and run_glue.py share: flags, local data files, the output folder, checkpoints and trackers."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator, PartialState
+
+import poet_peft
+
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+TRAINING_STATE = "training_state.json"
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+# ----------------------------------------------------------------------------------------------------------- flags
+def add_output_arguments(parser: argparse.ArgumentParser, default_dir: str) -> argparse._ArgumentGroup:
+    """The output group: folder, checkpoints, resume and trackers; the script adds its own logging flags to it."""
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default=default_dir)
+    output.add_argument("--overwrite_output_dir", action="store_true", help="start over in a used --output_dir")
+    output.add_argument("--checkpointing_steps", type=int, help="save a resumable checkpoint every N steps")
+    output.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
+    output.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" in --output_dir')
+    output.add_argument(
+        "--report_to",
+        choices=["none", "tensorboard", "wandb", "trackio", "all"],
+        default="none",
+        help="Accelerate trackers; metrics.jsonl is always written",
+    )
+    return output
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, default_targets: Optional[str], source_help: str) -> None:
+    """The --spec-* flags of the spectral monitor (seed 002), with underscore aliases."""
+    spec = parser.add_argument_group("spectral monitor (seed 002; `poet-peft plot metrics.jsonl -o DIR` draws it)")
+    spec.add_argument(
+        "--spec-monitor", "--spec_monitor", dest="spec_monitor", action="store_true", help="log spec/<module>/… metrics"
+    )
+    spec.add_argument("--spec-every", "--spec_every", dest="spec_every", type=int, default=100, help="every N steps")
+    spec.add_argument("--spec-topk", "--spec_topk", dest="spec_topk", type=int, default=8, help="k singular values")
+    spec.add_argument(
+        "--spec-targets",
+        "--spec_targets",
+        dest="spec_targets",
+        default=default_targets,
+        help="module-name patterns" + (f" (default {default_targets})" if default_targets else ""),
+    )
+    spec.add_argument(
+        "--spec-source",
+        "--spec_source",
+        dest="spec_source",
+        choices=["weight", "grad", "momentum"],
+        default="weight",
+        help=source_help,
+    )
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> None:
+    """Reject integer flags below 1, naming the flag."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} {value}: use an integer ≥ 1")
+
+
+def check_tracker(report_to: str) -> None:
+    """Fail early, naming the package to install, when the requested tracker is missing ("all" takes what is)."""
+    module = TRACKER_MODULES.get(report_to)
+    if module and importlib.util.find_spec(module) is None:
+        raise ImportError(f"--report_to {report_to} needs the {module} package: pip install {module}")
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def local_file_extension(path: str, allowed: tuple[str, ...]) -> str:
+    """A local data file's extension without compression (".csv", ".jsonl", …), checked against `allowed`."""
+    suffixes = [suffix for suffix in Path(path).suffixes if suffix not in COMPRESSIONS]
+    extension = suffixes[-1] if suffixes else ""
+    if extension not in allowed:
+        raise ValueError(
+            f"{path}: unsupported file type {extension!r}; use {', '.join(allowed)} (optionally .gz, .bz2, .xz)"
+        )
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return extension
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+def prepare_output_dir(args: argparse.Namespace, outputs: tuple[str, ...]) -> Path:
+    """The output folder; refuses to start a new run over an old one unless told to, since that loses its files."""
+    output_dir = Path(args.output_dir)
+    previous = [output_dir / name for name in outputs]
+    if any(path.exists() for path in previous) and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            raise FileExistsError(
+                f"{output_dir} holds a previous run. Pass --resume_from_checkpoint latest to continue it, "
+                "--overwrite_output_dir to delete it and start over, or another --output_dir."
+            )
+        state = PartialState()
+        if state.is_main_process:
+            for path in previous:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        state.wait_for_everyone()
+    return output_dir
+
+
+def parameter_summary(model: torch.nn.Module) -> str:
+    """Trainable, frozen and total parameters; a module kept in two copies (PEFT's modules_to_save) counts once."""
+    trainable, total = parameter_counts(model)
+    poet = sum(param.numel() for param in poet_peft.poet_parameters(model))
+    detail = f" (POET Q: {poet:,})" if poet else ""
+    return (
+        f"trainable parameters: {trainable:,}{detail} of {total:,} ({100 * trainable / total:.2f}%); "
+        f"frozen: {total - trainable:,}"
+    )
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, counting PEFT's modules_to_save copies once."""
+    counted = [param for name, param in model.named_parameters() if ".original_module." not in name]
+    return sum(param.numel() for param in counted if param.requires_grad), sum(param.numel() for param in counted)
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+def completed_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in output_dir/checkpoints, oldest first (unfinished `.partial` ones excluded)."""
+    folder = output_dir / "checkpoints"
+    found = [path for path in folder.glob("step_*") if CHECKPOINT_PATTERN.match(path.name)] if folder.is_dir() else []
+    found = [path for path in found if (path / TRAINING_STATE).is_file()]
+    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, position: dict, keep: Optional[int]) -> Path:
+    """Save model (with POET's Q, permutations and merge counts), optimizer, scheduler, RNG and data position.
+
+    Written to `step_N.partial` and renamed once complete, so a crash mid-save never leaves a broken checkpoint.
+    """
+    final = output_dir / "checkpoints" / f"step_{position['completed_steps']}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / TRAINING_STATE).write_text(json.dumps(position, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if keep:
+            for old in completed_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
+    """The checkpoint folder named by --resume_from_checkpoint: a path, or "latest" in output_dir."""
+    if spec == "latest":
+        found = completed_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints"
+            )
+        return found[-1]
+    path = Path(spec)
+    if not (path / TRAINING_STATE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINING_STATE})")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ step hooks
+class NoStepHooks:
+    """Per-step hooks for methods that need none: the clip norm as given, nothing after the step."""
+
+    def clip_norm(self, max_norm: float, step: int) -> float:
+        """The clip norm for the next optimizer step."""
+        return max_norm
+
+    def after_step(self, step: int) -> bool:
+        """Nothing to do after an optimizer step."""
+        return False
+
+
+class SpectralClampHooks(NoStepHooks):
+    """Clamp σ_max(ΔW) after every optimizer step, timing it and keeping the largest σ/bound seen before a clamp."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.seconds = 0.0
+        self.steps = 0
+        self.worst_ratio = 0.0
+
+    def after_step(self, step: int) -> bool:
+        """Clamp; says whether any branch was over its bound."""
+        start = time.perf_counter()
+        ratio = poet_peft.clamp_spectral_norms(self.model)
+        self.seconds += time.perf_counter() - start
+        self.steps += 1
+        self.worst_ratio = max(self.worst_ratio, ratio)
+        return ratio > 1
+
+    def metrics(self) -> dict:
+        """Clamp cost per step (ms) and the largest σ_max(ΔW)/bound met before clamping, since the last call."""
+        record = {"train/clamp_ms": 1000 * self.seconds / max(self.steps, 1), "train/clamp_ratio_max": self.worst_ratio}
+        self.seconds, self.steps, self.worst_ratio = 0.0, 0, 0.0
+        return record
