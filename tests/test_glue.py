@@ -290,7 +290,7 @@ def test_oft_on_a_decoder_with_a_classification_head(models_dir, data_dir, tmp_p
 
 
 def test_lora_resumes_from_a_checkpoint_exactly(models_dir, data_dir, tmp_path):
-    """LoRA on sentence pairs (mrpc TSV): a run resumed mid-epoch from its step-4 checkpoint ends where the whole run ends."""
+    """LoRA on sentence pairs (mrpc TSV): resumed mid-epoch from its step-4 checkpoint, it ends as the whole run."""
     flags = [*local_task(models_dir, data_dir, "mrpc", ".tsv"), "--method", "lora", "--max_train_steps", "8"]
     whole = tmp_path / "whole"
     run_script(whole, *flags, "--checkpointing_steps", "4")
