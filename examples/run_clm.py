@@ -23,7 +23,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from itertools import chain
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,12 +37,14 @@ from run_utils import (
     TRAINING_STATE,
     NoStepHooks,
     SpectralClampHooks,
+    accumulation_step,
     add_output_arguments,
     add_spec_arguments,
     check_positive,
     check_tracker,
     local_file_extension,
     parameter_summary,
+    parse_block,
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
@@ -86,15 +87,6 @@ BLOCK_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
-def parse_block(text: str) -> float:
-    """A POET block: an integer b for bs, a fraction such as 0.5 or 1/2 for fs."""
-    try:
-        value = Fraction(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--block {text!r}: use an integer b ≥ 2 (bs) or a fraction in (0, 1] (fs)")
-    return int(value) if value.denominator == 1 else float(value)
-
-
 def parse_sigma_max(text: str) -> Optional[float]:
     """The spectral-LoRA clamp constant c > 0, or None for "none"."""
     if text.lower() == "none":
@@ -728,18 +720,19 @@ def train(args: argparse.Namespace) -> dict:
         batches = accelerator.skip_first_batches(train_loader, position["batches_in_epoch"])
         step_start = time.perf_counter()
         for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                window["loss"] += loss.detach() / args.gradient_accumulation_steps
-                if accelerator.sync_gradients:
-                    clip = hooks.clip_norm(args.max_grad_norm, position["completed_steps"])
-                    accelerator.clip_grad_norm_(model.parameters(), clip)
-                optimizer.step()
-                lr_scheduler.step()
-                if monitor is not None and accelerator.sync_gradients:  # before zero_grad: --spec-source grad
-                    monitor.after_step(position["completed_steps"] + 1, metrics_log)
-                optimizer.zero_grad()
+            clip = hooks.clip_norm(args.max_grad_norm, position["completed_steps"])
+            loss = accumulation_step(
+                accelerator,
+                model,
+                batch,
+                optimizer,
+                lr_scheduler,
+                clip,
+                monitor,
+                metrics_log,
+                position["completed_steps"] + 1,
+            )
+            window["loss"] += loss / args.gradient_accumulation_steps
             position["batches_in_epoch"] += 1
             if not accelerator.sync_gradients:
                 continue

@@ -25,14 +25,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
 import datasets
 import torch
 from accelerate import Accelerator, DistributedType, PartialState
-from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from peft import LoraConfig, OFTConfig, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -40,6 +38,7 @@ from run_utils import (
     TRAINING_STATE,
     NoStepHooks,
     SpectralClampHooks,
+    accumulation_step,
     add_output_arguments,
     add_spec_arguments,
     check_positive,
@@ -47,6 +46,7 @@ from run_utils import (
     local_file_extension,
     parameter_counts,
     parameter_summary,
+    parse_block,
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
@@ -61,8 +61,6 @@ from transformers import (
 )
 
 import poet_peft
-
-logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,15 +96,6 @@ FILE_TYPES = (".csv", ".tsv", ".json", ".jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
-def parse_block(text: str) -> float:
-    """A block: an integer b (POET-BS, OFT), or a fraction such as 1/2 (POET-FS)."""
-    try:
-        value = Fraction(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--block {text!r}: use an integer b ≥ 2, or a fraction in (0, 1] for POET-FS")
-    return int(value) if value.denominator == 1 else float(value)
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line flags; every one is listed in the README."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,6 +272,7 @@ def load_raw_splits(args: argparse.Namespace) -> tuple[datasets.Dataset, dataset
                 f"{sources[split_name]} ({split_name}) has no column {', '.join(repr(c) for c in missing)}: task "
                 f"{args.task_name} needs {', '.join(needed)}; the data has {', '.join(raw[split_name].column_names)}"
             )
+        check_labels(raw[split_name], args.task_name, f"{sources[split_name]} ({split_name})")
     train, validation = raw["train"], raw["validation"]
     max_train = args.max_train_samples or (DEMO_TRAIN_SAMPLES if args.task_name == DEMO_TASK else None)
     if max_train:
@@ -290,6 +280,26 @@ def load_raw_splits(args: argparse.Namespace) -> tuple[datasets.Dataset, dataset
     if args.max_eval_samples:
         validation = validation.select(range(min(args.max_eval_samples, len(validation))))
     return train, validation, origin
+
+
+def check_labels(split: datasets.Dataset, task_name: str, source: str) -> None:
+    """Refuse labels the task's head cannot take: class ids outside 0..n−1 (or names), or non-numbers for stsb."""
+    labels = TASKS[task_name].labels
+    if len(labels) == 1:
+        valid, expected = (int, float), "numbers (similarity scores)"
+    else:
+        valid, expected = (int,), "class ids " + ", ".join(f"{index} ({name})" for index, name in enumerate(labels))
+    bad = [
+        value
+        for value in split.unique("label")
+        if not isinstance(value, valid)
+        or isinstance(value, bool)
+        or (len(labels) > 1 and not 0 <= value < len(labels))
+        or value != value  # NaN
+    ]
+    if bad:
+        shown = ", ".join(sorted(map(repr, bad))[:5])
+        raise ValueError(f"{source}: labels {shown} are not valid for {task_name}: use {expected}")
 
 
 def tokenize(split: datasets.Dataset, tokenizer, args: argparse.Namespace, name: str) -> datasets.Dataset:
@@ -375,7 +385,7 @@ def base_model_hub_id(args: argparse.Namespace) -> Optional[str]:
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator: Accelerator, task_name: str) -> dict:
     """The task's GLUE metrics (through the packaged `evaluate` module) and the mean loss, on the validation split."""
-    metric = poet_peft.load_glue_metric(task_name)
+    metric = poet_peft.load_glue_metric(task_name, keep_in_memory=True)
     regression = len(TASKS[task_name].labels) == 1
     model.eval()
     losses = []
@@ -391,6 +401,17 @@ def evaluate(model, dataloader, accelerator: Accelerator, task_name: str) -> dic
 
 
 # ------------------------------------------------------------------------------------------------------ training
+def warn_if_best_is_ahead(accelerator: Accelerator, output_dir: Path, position: dict) -> None:
+    """Say so when <output_dir>/best holds a model saved after the checkpoint being resumed (its metrics stay)."""
+    saved = output_dir / "best" / "eval_results.json"
+    best_step = (position["best"] or {}).get("step")
+    if saved.is_file() and json.loads(saved.read_text())["step"] != best_step:
+        accelerator.print(
+            f"Warning: {saved.parent} holds the model of step {json.loads(saved.read_text())['step']}, saved after "
+            f"this checkpoint (best so far: step {best_step}); a better evaluation from now on replaces it."
+        )
+
+
 def train(args: argparse.Namespace) -> dict:
     """Load data and model, finetune with --method, validate each epoch and keep the best; returns the summary."""
     check_tracker(args.report_to)
@@ -402,13 +423,12 @@ def train(args: argparse.Namespace) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    if accelerator.distributed_type == DistributedType.FSDP and (args.method != "full" or args.spec_monitor):
+    if accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError(
-            f"--method {args.method} and --spec-monitor work on whole weight matrices, which FSDP shards: use DDP "
-            "(examples/configs/multi_gpu.yaml), or FSDP with --method full."
+            "run_glue.py saves its best model from one process and its adapters and monitor work on whole weight "
+            "matrices, which FSDP shards: use DDP (examples/configs/multi_gpu.yaml) or one process."
         )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logging.getLogger(__name__).setLevel(logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
     prepare_output_dir(args, ("metrics.jsonl", "checkpoints", "best", "results.json"))
@@ -470,6 +490,7 @@ def train(args: argparse.Namespace) -> dict:
         accelerator.print(f"Resuming from {checkpoint}")
         position = {**position, **json.loads((checkpoint / TRAINING_STATE).read_text())}
         accelerator.load_state(str(checkpoint))
+        warn_if_best_is_ahead(accelerator, output_dir, position)
     resume_step = position["completed_steps"] if args.resume_from_checkpoint else None
     metrics_log = poet_peft.MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step)
     if args.report_to != "none":
@@ -512,19 +533,19 @@ def train(args: argparse.Namespace) -> dict:
         batches = accelerator.skip_first_batches(train_loader, position["batches_in_epoch"])
         step_start = time.perf_counter()
         for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                window["loss"] += loss.detach() / args.gradient_accumulation_steps
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(
-                        model.parameters(), hooks.clip_norm(args.max_grad_norm, position["completed_steps"])
-                    )
-                optimizer.step()
-                lr_scheduler.step()
-                if monitor is not None and accelerator.sync_gradients:  # before zero_grad: --spec-source grad
-                    monitor.after_step(position["completed_steps"] + 1, metrics_log)
-                optimizer.zero_grad()
+            clip = hooks.clip_norm(args.max_grad_norm, position["completed_steps"])
+            loss = accumulation_step(
+                accelerator,
+                model,
+                batch,
+                optimizer,
+                lr_scheduler,
+                clip,
+                monitor,
+                metrics_log,
+                position["completed_steps"] + 1,
+            )
+            window["loss"] += loss / args.gradient_accumulation_steps
             position["batches_in_epoch"] += 1
             if not accelerator.sync_gradients:
                 continue
@@ -583,6 +604,11 @@ def train(args: argparse.Namespace) -> dict:
     return summary
 
 
+def improves(value: float, best: float) -> bool:
+    """Whether a main-metric value beats the best so far; NaN (a constant prediction's Pearson) is the worst."""
+    return not math.isnan(value) and (math.isnan(best) or value > best)
+
+
 def validate(args, accelerator, model, tokenizer, eval_loader, metrics_log, position: dict, run_info: dict) -> None:
     """Evaluate and log; when the task's main metric beats the best so far, save the model to <output_dir>/best."""
     results = evaluate(model, eval_loader, accelerator, args.task_name)
@@ -590,7 +616,7 @@ def validate(args, accelerator, model, tokenizer, eval_loader, metrics_log, posi
     metrics_log.log(results, step)
     position["last_eval"] = results
     main = f"eval/{TASKS[args.task_name].main_metric}"
-    if position["best"] is not None and not results[main] > position["best"]["metrics"][main]:
+    if position["best"] is not None and not improves(results[main], position["best"]["metrics"][main]):
         return
     position["best"] = {"metrics": results, "step": step}
     if accelerator.is_main_process:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,17 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 
 # ----------------------------------------------------------------------------------------------------------- flags
+def parse_block(text: str) -> float:
+    """A POET block: an integer b for POET-BS, a fraction such as 0.5 or 1/2 for POET-FS."""
+    try:
+        value = Fraction(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--block {text!r}: use an integer b ≥ 2 (POET-BS) or a fraction in (0, 1] (POET-FS)"
+        )
+    return int(value) if value.denominator == 1 else float(value)
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, default_dir: str) -> argparse._ArgumentGroup:
     """The output group: folder, checkpoints, resume and trackers; the script adds its own logging flags to it."""
     output = parser.add_argument_group("output")
@@ -129,6 +141,35 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, counting PEFT's modules_to_save copies once."""
     counted = [param for name, param in model.named_parameters() if ".original_module." not in name]
     return sum(param.numel() for param in counted if param.requires_grad), sum(param.numel() for param in counted)
+
+
+def accumulation_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    batch: dict,
+    optimizer,
+    lr_scheduler,
+    max_norm: float,
+    monitor: Optional[poet_peft.SpectralMonitor],
+    metrics_log: poet_peft.MetricsLog,
+    step: int,
+) -> torch.Tensor:
+    """One micro-batch's forward and backward; at the accumulation boundary clip, step and let the monitor measure.
+
+    The monitor measures optimizer step `step` before zero_grad, since --spec-source grad reads the gradients.
+    Returns the detached loss.
+    """
+    with accelerator.accumulate(model):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        if monitor is not None and accelerator.sync_gradients:
+            monitor.after_step(step, metrics_log)
+        optimizer.zero_grad()
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints

@@ -34,6 +34,7 @@ import poet_peft
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_glue.py"
+CPU_DDP_CONFIG = ROOT / "examples" / "configs" / "cpu_ddp.yaml"
 sys.path.insert(0, str(ROOT / "examples"))
 import run_glue  # noqa: E402
 
@@ -178,9 +179,10 @@ def test_glue_metric_matches_sklearn_and_scipy():
         "f1": f1_score(references, predictions),
         "matthews_correlation": matthews_corrcoef(references, predictions),
     }
+    module = metric_module()
     for task in ("cola", "sst2", "mrpc", "qqp", "qnli", "rte", "rotten_tomatoes"):
         computed = poet_peft.load_glue_metric(task).compute(predictions=predictions, references=references)
-        assert computed.keys() <= classification.keys() and computed
+        assert set(computed) == set(module.TASK_METRICS[task]) and run_glue.TASKS[task].main_metric in computed
         for name, value in computed.items():
             assert value == pytest.approx(classification[name], abs=1e-12), (task, name)
     three_way_truth, three_way = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
@@ -196,7 +198,7 @@ def test_glue_metric_matches_sklearn_and_scipy():
 
 def test_glue_metric_functions_match_references_on_edge_cases():
     """Multiclass MCC, no positives, constant predictions, perfect and inverse rankings, in float64."""
-    module = run_fresh_module()
+    module = metric_module()
     rng = np.random.default_rng(1)
     for classes in (2, 3, 5):
         truth, predicted = rng.integers(0, classes, 500), rng.integers(0, classes, 500)
@@ -213,9 +215,11 @@ def test_glue_metric_functions_match_references_on_edge_cases():
     other = ties + rng.integers(0, 3, 60)
     assert module.spearmanr(ties, other) == pytest.approx(spearmanr(ties, other).statistic, abs=1e-12)
     assert module.pearson(ties, other) == pytest.approx(pearsonr(ties, other).statistic, abs=1e-12)
+    assert np.isnan(module.spearmanr(np.r_[values[:-1], np.nan], values))  # scipy: NaN in, NaN out
+    assert np.isnan(module.pearson(np.ones(5), values[:5]))  # a constant prediction
 
 
-def run_fresh_module():
+def metric_module():
     """The metric module's own functions (what evaluate runs), imported from the package data."""
     import importlib.util
 
@@ -290,11 +294,14 @@ def test_oft_on_a_decoder_with_a_classification_head(models_dir, data_dir, tmp_p
 
 
 def test_lora_resumes_from_a_checkpoint_exactly(models_dir, data_dir, tmp_path):
-    """LoRA on sentence pairs (mrpc TSV): resumed mid-epoch from its step-4 checkpoint, it ends as the whole run."""
+    """LoRA on sentence pairs (mrpc TSV), 2-step accumulation: resumed at step 4, after epoch 1's evaluation and
+    inside epoch 2, it logs the same losses and metrics and picks the same best as the uninterrupted run."""
     flags = [*local_task(models_dir, data_dir, "mrpc", ".tsv"), "--method", "lora", "--max_train_steps", "8"]
+    flags += ["--gradient_accumulation_steps", "2"]  # 96 examples / 16 = 6 batches = 3 steps per epoch
     whole = tmp_path / "whole"
     run_script(whole, *flags, "--checkpointing_steps", "4")
     assert [path.name for path in sorted((whole / "checkpoints").iterdir())] == ["step_4", "step_8"]
+    assert [line["step"] for line in records(whole) if "eval/f1" in line] == [3, 6, 8]
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(whole / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
@@ -303,9 +310,34 @@ def test_lora_resumes_from_a_checkpoint_exactly(models_dir, data_dir, tmp_path):
     run_script(resumed, *flags, "--resume_from_checkpoint", "latest")
     expected, got = records(whole), records(resumed)
     assert [line["step"] for line in got] == [line["step"] for line in expected]
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         for key in a.keys() & {"train/loss", "eval/accuracy", "eval/f1", "eval/loss"}:
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    summary, resumed_summary = (json.loads((path / "results.json").read_text()) for path in (whole, resumed))
+    assert resumed_summary["best_step"] == summary["best_step"]
+    assert resumed_summary["best"] == pytest.approx(summary["best"], abs=1e-5)
+
+
+def test_two_processes_gather_every_validation_example_once(models_dir, data_dir, tmp_path):
+    """Under a 2-process accelerate launch (gloo DDP), 37 validation examples in uneven batches are each counted
+    once: the accuracy equals sklearn's on the saved model's predictions."""
+    output_dir = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    flags = [*local_task(models_dir, data_dir, "sst2", ".csv"), "--method", "poet", "--block", "8"]
+    flags += ["--max_train_steps", "3", "--max_eval_samples", "37", "--per_device_eval_batch_size", "8"]
+    result = subprocess.run(
+        [*launcher, str(SCRIPT), "--output_dir", str(output_dir), *flags], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "3 steps" in result.stdout and result.stdout.count('"best_step"') == 1  # one process reports
+    saved = json.loads((output_dir / "best" / "eval_results.json").read_text())
+    assert saved["hyperparameters"]["train_batch_size"] == 32  # 16 per process
+    validation = read_rows(data_dir / "sst2_validation.csv")[:37]
+    predictions = validation_outputs(output_dir / "best", "sst2", validation).argmax(-1)
+    expected = accuracy_score([row["label"] for row in validation], predictions)
+    assert saved["metrics"]["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert round(saved["metrics"]["accuracy"] * 37) == pytest.approx(saved["metrics"]["accuracy"] * 37, abs=1e-9)
 
 
 def test_offline_demo_with_no_flags_finetunes_minilm_on_rotten_tomatoes(tmp_path):
@@ -323,7 +355,10 @@ def test_offline_demo_with_no_flags_finetunes_minilm_on_rotten_tomatoes(tmp_path
 
 
 def test_every_method_wraps_with_a_trained_head(models_dir):
-    """full, lora, oft, poet and spectral_lora each train the classification head, and only PEFT methods freeze W."""
+    """full trains everything; lora, oft, poet and spectral_lora train the head and their adapters, not W."""
+    args = run_glue.parse_args(["--method", "full"])
+    model = AutoModelForSequenceClassification.from_pretrained(models_dir / "bert", num_labels=2)
+    assert run_glue.wrap_model(model, args) is model and all(param.requires_grad for param in model.parameters())
     for method, peft_type in (("lora", "LORA"), ("oft", "OFT"), ("poet", "POET"), ("spectral_lora", "SPECTRAL_LORA")):
         args = run_glue.parse_args(["--method", method, "--block", "8", "--model_name_or_path", str(models_dir)])
         model = run_glue.wrap_model(
@@ -333,6 +368,26 @@ def test_every_method_wraps_with_a_trained_head(models_dir):
         assert model.peft_config["default"].peft_type == peft_type
         assert any("classifier.modules_to_save" in name for name in trainable), method
         assert not any(name.endswith("query.base_layer.weight") for name in trainable), method
+
+
+def test_the_best_model_is_the_best_evaluation_not_the_last(models_dir, tmp_path, monkeypatch):
+    """validate() keeps <output_dir>/best at the best main metric: a later, worse or NaN evaluation leaves it."""
+    from accelerate import Accelerator
+
+    args = run_glue.parse_args(["--method", "lora", "--task_name", "stsb", "--output_dir", str(tmp_path)])
+    base = AutoModelForSequenceClassification.from_pretrained(models_dir / "bert", num_labels=1)
+    model = run_glue.wrap_model(base, args)
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "bert")
+    log = poet_peft.MetricsLog(Accelerator(cpu=True), tmp_path / "metrics.jsonl")
+    position = {"completed_steps": 0, "best": None}
+    for step, pearson in ((1, float("nan")), (2, 0.5), (3, 0.7), (4, 0.6), (5, float("nan"))):
+        monkeypatch.setattr(run_glue, "evaluate", lambda *_, p=pearson: {"eval/pearson": p, "eval/loss": 1.0})
+        position["completed_steps"] = step
+        run_glue.validate(args, Accelerator(cpu=True), model, tokenizer, None, log, position, {"base_model": None})
+        saved = json.loads((tmp_path / "best" / "eval_results.json").read_text())
+        assert saved["step"] == position["best"]["step"] == {1: 1, 2: 2, 3: 3, 4: 3, 5: 3}[step]
+    assert position["last_eval"]["eval/pearson"] != position["last_eval"]["eval/pearson"]  # the last was NaN
+    assert run_glue.improves(0.1, float("nan")) and not run_glue.improves(float("nan"), 0.1)
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
@@ -358,6 +413,17 @@ def test_missing_label_column_names_the_file_and_the_columns(data_dir, tmp_path)
         run_glue.load_raw_splits(args)
     args = run_glue.parse_args(["--task_name", "mrpc", "--train_file", str(data_dir / "sst2_train.csv")])
     with pytest.raises(ValueError, match="no column 'sentence1', 'sentence2'.*the data has sentence, label"):
+        run_glue.load_raw_splits(args)
+    names = tmp_path / "names.tsv"  # raw MNLI-style text labels
+    names.write_text("premise\thypothesis\tlabel\na film\ta story\tentailment\na plot\tthe cast\tneutral\n")
+    args = run_glue.parse_args(["--task_name", "mnli", "--train_file", str(names)])
+    refused = r"names.tsv \(train\): labels '\w+'.* are not valid for mnli: use class ids 0 \(entailment\), 1 \(neutral"
+    with pytest.raises(ValueError, match=refused):
+        run_glue.load_raw_splits(args)
+    out_of_range = tmp_path / "three.csv"
+    out_of_range.write_text("sentence,label\na,0\nb,1\nc,2\nd,1\ne,0\nf,1\ng,0\nh,1\ni,0\nj,1\n")
+    args = run_glue.parse_args(["--task_name", "sst2", "--train_file", str(out_of_range)])
+    with pytest.raises(ValueError, match=r"labels 2 are not valid for sst2: use class ids 0 \(negative\), 1"):
         run_glue.load_raw_splits(args)
     args = run_glue.parse_args(["--task_name", "sst2", "--train_file", str(tmp_path / "train.parquet")])
     with pytest.raises(ValueError, match=r"unsupported file type '.parquet'; use .csv, .tsv, .json, .jsonl"):
@@ -483,13 +549,46 @@ def test_export_of_a_causal_lm_writes_a_generation_config_and_matches(models_dir
     assert torch.allclose(torch.tensor(json.loads(logits)), expected, atol=1e-5)
 
 
+def test_export_of_a_gpt2_classifier_reads_its_config_names(tmp_path):
+    """GPT-2 names its sizes n_embd, n_layer, …: the base check reads them through its config; the export matches."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
+
+    config = GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=2, n_positions=32, pad_token_id=0)
+    torch.manual_seed(0)
+    GPT2Model(config).save_pretrained(tmp_path / "gpt2")
+    write_tokenizer(tmp_path / "gpt2")
+    base = GPT2ForSequenceClassification.from_pretrained(tmp_path / "gpt2", num_labels=3)
+    model = get_peft_model(base, poet_peft.POETConfig(block=8, task_type="SEQ_CLS", merge_every=None))
+    randomize_skew(model, 0.05)
+    tokens = torch.randint(1, 32, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=tokens).logits
+    poet_peft.save_finetuned(model, AutoTokenizer.from_pretrained(tmp_path / "gpt2"), tmp_path / "adapter")
+    merged, settings, _ = poet_peft.load_merged(tmp_path / "adapter")
+    assert settings["peft_type"] == "POET"
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(input_ids=tokens).logits, expected, atol=1e-5)
+    other = GPT2Config(vocab_size=32, n_embd=48, n_layer=2, n_head=2, n_positions=32)
+    GPT2Model(other).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="hidden_size 32 ≠ 48"):
+        poet_peft.load_merged(tmp_path / "adapter", base_model=str(tmp_path / "wide"))
+
+
+def test_export_refuses_to_write_over_its_own_adapter(poet_adapter):
+    folder, _ = poet_adapter
+    for out in (folder, folder.parent):
+        with pytest.raises(ValueError, match="would replace the adapter folder"):
+            poet_peft.export_merged(folder, out, overwrite=True)
+    assert (folder / "adapter_model.safetensors").is_file()
+
+
 def test_export_of_a_fully_finetuned_model(models_dir, tmp_path):
     """A full-finetuning folder has nothing to merge: it is copied with a model card, weights unchanged."""
     model = AutoModelForSequenceClassification.from_pretrained(models_dir / "bert", num_labels=2)
     poet_peft.save_finetuned(model, AutoTokenizer.from_pretrained(models_dir / "bert"), tmp_path / "full")
     out = poet_peft.export_merged(tmp_path / "full", tmp_path / "merged")
     merged = AutoModelForSequenceClassification.from_pretrained(out)
-    for (name, a), b in zip(model.state_dict().items(), merged.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), merged.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert "full-finetuning" in yaml.safe_load((out / "README.md").read_text().split("---\n")[1])["tags"]
 

@@ -471,7 +471,7 @@ def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
     [
         (["--block", "0.5"], "--block 0.5 does not fit --mode bs"),
         (["--mode", "fs", "--block", "64"], "--block 64 does not fit --mode fs"),
-        (["--block", "x"], "use an integer b ≥ 2 (bs) or a fraction in (0, 1] (fs)"),
+        (["--block", "x"], "use an integer b ≥ 2 (POET-BS) or a fraction in (0, 1] (POET-FS)"),
         (["--streaming"], "--streaming applies to --dataset_name only"),
         (["--dataset_name", "allenai/c4", "--streaming"], "pass --max_train_steps"),
         (["--dataset_name", "x", "--train_file", "y.txt"], "either --dataset_name or --train_file"),

@@ -25,8 +25,17 @@ from transformers import AutoConfig, AutoTokenizer
 PathLike = Union[str, os.PathLike]
 MODEL_CONFIG = "model_config.json"
 EVAL_RESULTS = "eval_results.json"
-# The config fields that decide whether an adapter's weights fit a base model.
-SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+# The config fields that decide whether an adapter's weights fit a base model (read through each config class's own
+# attribute map, so GPT-2's n_embd counts as hidden_size).
+SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
 # The finetuned model's own fields, which the base's config does not have (a fresh classification head's labels).
 HEAD_FIELDS = ("id2label", "label2id", "problem_type", "pad_token_id")
 AUTO_CLASSES = {
@@ -49,6 +58,7 @@ class HubPushError(RuntimeError):
 def replace_folder(partial: Path, destination: Path) -> None:
     """Move a completely written folder into place, so that a crash leaves either the old folder or the new one."""
     previous = destination.with_name(destination.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)  # left by a crash between the two renames below
     if destination.exists():
         os.replace(destination, previous)
     os.replace(partial, destination)
@@ -89,19 +99,21 @@ def _base_config(folder: Path, base: str):
     if not saved_path.is_file():
         return config
     saved = json.loads(saved_path.read_text())
+    trained = type(config).from_dict(saved) if saved.get("model_type") == config.model_type else None
     found = {field: getattr(config, field, None) for field in SHAPE_FIELDS}
-    wanted = {field: saved.get(field) for field in SHAPE_FIELDS}
+    wanted = {field: getattr(trained, field, None) for field in SHAPE_FIELDS}
+    wanted["model_type"] = saved.get("model_type")
     if found != wanted:
         differ = ", ".join(
             f"{field} {wanted[field]} ≠ {found[field]}" for field in SHAPE_FIELDS if found[field] != wanted[field]
         )
         raise ValueError(
             f"the adapter in {folder} was trained on another base model than {base!r} ({differ}): pass the base it "
-            f"was trained on with --base (its adapter_config.json names {saved.get('_name_or_path')!r})"
+            f"was trained on ({saved.get('_name_or_path')!r}) with --base"
         )
     for field in HEAD_FIELDS:
         if field in saved:
-            setattr(config, field, saved[field])
+            setattr(config, field, getattr(trained, field))
     return config
 
 
@@ -125,8 +137,10 @@ def load_merged(folder: PathLike, base_model: Optional[str] = None) -> tuple[tor
     config = _base_config(folder, base)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # not "newly initialized" for a head that the adapter holds
-    try:
-        model = _auto_class(settings.get("task_type")).from_pretrained(base, config=config)
+    try:  # a base with a head of another size (--ignore_mismatched_sizes in run_glue): the adapter holds the new one
+        model = _auto_class(settings.get("task_type")).from_pretrained(
+            base, config=config, ignore_mismatched_sizes=True
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     try:
@@ -213,6 +227,12 @@ def export_merged(
     HubPushError, says how to upload it later.
     """
     adapter, output_dir = Path(adapter), Path(output_dir)
+    if output_dir.resolve() == adapter.resolve() or output_dir.resolve() in adapter.resolve().parents:
+        raise ValueError(
+            f"--out {output_dir} would replace the adapter folder {adapter} it is made from: choose another"
+        )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--out {output_dir} is a file: choose a folder")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty: choose another --out, or pass --overwrite")
     model, settings, base = load_merged(adapter, base_model)
@@ -222,11 +242,15 @@ def export_merged(
     card_base = results.get("base_model") or (base if base and not Path(base).exists() else None)
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)  # safetensors, config.json and, for generative models, generation_config.json
-    tokenizer.save_pretrained(partial)
-    if results:
-        (partial / EVAL_RESULTS).write_text(json.dumps(results, indent=2))
-    model_card(push_to_hub or output_dir.name, card_base, settings, results).save(partial / "README.md")
+    try:
+        model.save_pretrained(partial)  # safetensors, config.json and, for generative models, generation_config.json
+        tokenizer.save_pretrained(partial)
+        if results:
+            (partial / EVAL_RESULTS).write_text(json.dumps(results, indent=2))
+        model_card(push_to_hub or output_dir.name, card_base, settings, results).save(partial / "README.md")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     replace_folder(partial, output_dir)
     if push_to_hub:
         push_folder(output_dir, push_to_hub)

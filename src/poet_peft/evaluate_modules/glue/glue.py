@@ -80,7 +80,9 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def spearmanr(predictions: np.ndarray, references: np.ndarray) -> float:
-    """Spearman's ρ: Pearson's r of the average ranks."""
+    """Spearman's ρ: Pearson's r of the average ranks; NaN when an input holds NaN (as scipy)."""
+    if np.isnan(predictions).any() or np.isnan(references).any():
+        return float("nan")
     return pearson(average_ranks(predictions), average_ranks(references))
 
 
