@@ -59,9 +59,9 @@ def report(results: dict[str, dict], args: argparse.Namespace, swept: bool) -> s
     threads = torch.get_num_threads()
     sweep = f", each at the best of lr × {args.learning_rates}" if swept else ", each at its default lr"
     header = (
-        f"### GLUE demo: all-MiniLM-L6-v2 on Rotten Tomatoes ({date.today()}, {platform.processor() or 'CPU'}, "
-        f"{threads} threads)\n\n"
-        f"`python benchmarks/bench_glue.py {' '.join(sys.argv[1:])}`: 3,000 training sentences, 1,000 validation "
+        f"### GLUE demo: all-MiniLM-L6-v2 on Rotten Tomatoes ({date.today()}, {platform.machine()}, "
+        f"{threads} threads, torch {torch.__version__})\n\n"
+        f"`{' '.join(['python benchmarks/bench_glue.py', *sys.argv[1:]])}`: 3,000 training sentences, 1,000 validation "
         f"sentences, {args.epochs} epochs, seed {args.seed}{sweep}; the best epoch's validation metrics.\n"
     )
     return header + "\n" + "\n".join(rows)

@@ -45,6 +45,7 @@ from run_utils import (
     local_file_extension,
     parameter_summary,
     parse_block,
+    parse_sigma_max,
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
@@ -87,19 +88,6 @@ BLOCK_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
-def parse_sigma_max(text: str) -> Optional[float]:
-    """The spectral-LoRA clamp constant c > 0, or None for "none"."""
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--lora_sigma_max {text!r}: use a number > 0 (seed 002: 0.7) or none")
-    return value
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line flags; every one is listed in the README."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

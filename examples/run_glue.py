@@ -47,6 +47,7 @@ from run_utils import (
     parameter_counts,
     parameter_summary,
     parse_block,
+    parse_sigma_max,
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
@@ -145,6 +146,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     method.add_argument("--lora_r", type=int, default=8, help="LoRA and spectral-LoRA rank r")
     method.add_argument("--lora_alpha", type=float, default=16.0, help="the LoRA branch is scaled by alpha/r")
     method.add_argument("--lora_dropout", type=float, default=0.1, help="LoRA dropout")
+    method.add_argument(
+        "--lora_sigma_max",
+        type=parse_sigma_max,
+        default=0.7,
+        help='spectral LoRA\'s clamp c: σ_max(ΔW) ≤ c/√d_in ("none": off)',
+    )
     method.add_argument(
         "--magnitude_lr_ratio",
         type=float,
@@ -374,7 +381,12 @@ def wrap_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Mod
         )
     else:
         config = poet_peft.SpectralLoRAConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.seed, **common
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            sigma_max=args.lora_sigma_max,
+            seed=args.seed,
+            **common,
         )
     return get_peft_model(model, config)
 

@@ -36,6 +36,19 @@ def parse_block(text: str) -> float:
     return int(value) if value.denominator == 1 else float(value)
 
 
+def parse_sigma_max(text: str) -> Optional[float]:
+    """The spectral-LoRA clamp constant c > 0, or None for "none"."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--lora_sigma_max {text!r}: use a number > 0 (seed 002: 0.7) or none")
+    return value
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, default_dir: str) -> argparse._ArgumentGroup:
     """The output group: folder, checkpoints, resume and trackers; the script adds its own logging flags to it."""
     output = parser.add_argument_group("output")
