@@ -103,6 +103,11 @@ def _base_config(folder: Path, base: str):
     found = {field: getattr(config, field, None) for field in SHAPE_FIELDS}
     wanted = {field: getattr(trained, field, None) for field in SHAPE_FIELDS}
     wanted["model_type"] = saved.get("model_type")
+    if found["model_type"] != wanted["model_type"]:
+        raise ValueError(
+            f"the adapter in {folder} was trained on a {wanted['model_type']} model, but {base!r} is a "
+            f"{found['model_type']}: pass the base it was trained on ({saved.get('_name_or_path')!r}) with --base"
+        )
     if found != wanted:
         differ = ", ".join(
             f"{field} {wanted[field]} ≠ {found[field]}" for field in SHAPE_FIELDS if found[field] != wanted[field]
