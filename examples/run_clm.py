@@ -37,12 +37,12 @@ from run_utils import (
     TRAINING_STATE,
     NoStepHooks,
     SpectralClampHooks,
-    accumulation_step,
     add_output_arguments,
     add_spec_arguments,
     check_positive,
     check_tracker,
     local_file_extension,
+    optimizer_steps,
     parameter_summary,
     parse_block,
     parse_sigma_max,
@@ -698,89 +698,62 @@ def train(args: argparse.Namespace) -> dict:
         desc=f"{args.method} training",
         dynamic_ncols=True,
     )
-    if monitor is not None and resume_step is None:
-        monitor.after_step(0, metrics_log)  # the spectra before training
-    model.train()
     window = {"loss": torch.zeros((), device=accelerator.device), "steps": 0, "seconds": 0.0}
     train_seconds, session_tokens, last_eval = 0.0, 0, None
-    while position["completed_steps"] < max_train_steps:
-        train_loader.set_epoch(position["epoch"])
-        batches = accelerator.skip_first_batches(train_loader, position["batches_in_epoch"])
-        step_start = time.perf_counter()
-        for batch in batches:
-            clip = hooks.clip_norm(args.max_grad_norm, position["completed_steps"])
-            loss = accumulation_step(
-                accelerator,
-                model,
-                batch,
-                optimizer,
-                lr_scheduler,
-                clip,
-                monitor,
-                metrics_log,
-                position["completed_steps"] + 1,
-            )
-            window["loss"] += loss / args.gradient_accumulation_steps
-            position["batches_in_epoch"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            position["completed_steps"] += 1
-            position["tokens"] += tokens_per_step
-            step = position["completed_steps"]
-            hooks.after_step(step)
-            if switch.due(step):
-                metrics_log.log(switch.apply(), step)
-                if monitor is not None:
-                    monitor.bind(plain_model, optimizer)  # the split layers are new modules
-            if directions is not None:
-                measured = directions.after_step(step)
-                if measured:
-                    metrics_log.log({**measured, **poet_peft.summarize_directions(measured)}, step)
-            seconds = time.perf_counter() - step_start
-            window["steps"] += 1
-            window["seconds"] += seconds
-            train_seconds += seconds
-            position["train_seconds"] += seconds
-            session_tokens += tokens_per_step
-            progress.update(1)
+    steps = optimizer_steps(
+        accelerator, model, train_loader, optimizer, lr_scheduler, hooks, monitor, metrics_log, position,
+        max_train_steps, args.max_grad_norm,
+    )  # fmt: skip
+    for step, step_loss, step_start in steps:
+        window["loss"] += step_loss
+        position["tokens"] += tokens_per_step
+        if switch.due(step):
+            metrics_log.log(switch.apply(), step)
+            if monitor is not None:
+                monitor.bind(plain_model, optimizer)  # the split layers are new modules
+        if directions is not None:
+            measured = directions.after_step(step)
+            if measured:
+                metrics_log.log({**measured, **poet_peft.summarize_directions(measured)}, step)
+        seconds = time.perf_counter() - step_start
+        window["steps"] += 1
+        window["seconds"] += seconds
+        train_seconds += seconds
+        position["train_seconds"] += seconds
+        session_tokens += tokens_per_step
+        progress.update(1)
 
-            if step % args.logging_steps == 0 or step == max_train_steps:
-                train_loss = accelerator.reduce(window["loss"], reduction="mean").item() / window["steps"]
-                record = {
-                    "train/loss": train_loss,
-                    "train/lr": lr_scheduler.get_last_lr()[0],
-                    "train/tokens": position["tokens"],
-                    "train/tokens_per_second": window["steps"] * tokens_per_step / window["seconds"],
+        if step % args.logging_steps == 0 or step == max_train_steps:
+            train_loss = accelerator.reduce(window["loss"], reduction="mean").item() / window["steps"]
+            record = {
+                "train/loss": train_loss,
+                "train/lr": lr_scheduler.get_last_lr()[0],
+                "train/tokens": position["tokens"],
+                "train/tokens_per_second": window["steps"] * tokens_per_step / window["seconds"],
+            }
+            if isinstance(hooks, SpectralClampHooks):
+                record.update(hooks.metrics())
+            metrics_log.log(record, step)
+            progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['train/tokens_per_second']:,.0f}")
+            window = {"loss": window["loss"].zero_(), "steps": 0, "seconds": 0.0}
+        if step % args.eval_steps == 0 or step == max_train_steps:
+            last_eval = evaluate(model, eval_loader, accelerator)
+            metrics_log.log(last_eval, step)
+            reached = args.target_perplexity and last_eval["eval/perplexity"] <= args.target_perplexity
+            if reached and "time_to_target" not in position:
+                position["time_to_target"] = {
+                    "time_to_target/steps": step,
+                    "time_to_target/tokens": position["tokens"],
+                    "time_to_target/seconds": position["train_seconds"],
                 }
-                if isinstance(hooks, SpectralClampHooks):
-                    record.update(hooks.metrics())
-                metrics_log.log(record, step)
-                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['train/tokens_per_second']:,.0f}")
-                window = {"loss": window["loss"].zero_(), "steps": 0, "seconds": 0.0}
-            if step % args.eval_steps == 0 or step == max_train_steps:
-                last_eval = evaluate(model, eval_loader, accelerator)
-                metrics_log.log(last_eval, step)
-                reached = args.target_perplexity and last_eval["eval/perplexity"] <= args.target_perplexity
-                if reached and "time_to_target" not in position:
-                    position["time_to_target"] = {
-                        "time_to_target/steps": step,
-                        "time_to_target/tokens": position["tokens"],
-                        "time_to_target/seconds": position["train_seconds"],
-                    }
-                    metrics_log.log(position["time_to_target"], step)
-                if accelerator.is_local_main_process:
-                    progress.write(
-                        f"step {step}: validation loss {last_eval['eval/loss']:.4f}, "
-                        f"perplexity {last_eval['eval/perplexity']:.2f}"
-                    )
-            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == max_train_steps):
-                save_checkpoint(accelerator, output_dir, position, args.checkpoints_total_limit)
-            if step >= max_train_steps:
-                break
-            step_start = time.perf_counter()
-        else:
-            position["epoch"] += 1
-            position["batches_in_epoch"] = 0
+                metrics_log.log(position["time_to_target"], step)
+            if accelerator.is_local_main_process:
+                progress.write(
+                    f"step {step}: validation loss {last_eval['eval/loss']:.4f}, "
+                    f"perplexity {last_eval['eval/perplexity']:.2f}"
+                )
+        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == max_train_steps):
+            save_checkpoint(accelerator, output_dir, position, args.checkpoints_total_limit)
     progress.close()
     summary = {**(last_eval or {}), "steps": position["completed_steps"], "tokens": position["tokens"]}
     if args.target_perplexity:  # None where the target was not reached

@@ -38,12 +38,12 @@ from run_utils import (
     TRAINING_STATE,
     NoStepHooks,
     SpectralClampHooks,
-    accumulation_step,
     add_output_arguments,
     add_spec_arguments,
     check_positive,
     check_tracker,
     local_file_extension,
+    optimizer_steps,
     parameter_counts,
     parameter_summary,
     parse_block,
@@ -438,9 +438,10 @@ def warn_if_best_is_ahead(accelerator: Accelerator, output_dir: Path, position: 
     """Say so when <output_dir>/best holds a model saved after the checkpoint being resumed (its metrics stay)."""
     saved = output_dir / "best" / "eval_results.json"
     best_step = (position["best"] or {}).get("step")
-    if saved.is_file() and json.loads(saved.read_text())["step"] != best_step:
+    saved_step = json.loads(saved.read_text())["step"] if saved.is_file() else best_step
+    if saved_step != best_step:
         accelerator.print(
-            f"Warning: {saved.parent} holds the model of step {json.loads(saved.read_text())['step']}, saved after "
+            f"Warning: {saved.parent} holds the model of step {saved_step}, saved after "
             f"this checkpoint (best so far: step {best_step}); a better evaluation from now on replaces it."
         )
 
@@ -558,66 +559,37 @@ def train(args: argparse.Namespace) -> dict:
         desc=f"{args.method} on {args.task_name}",
         dynamic_ncols=True,
     )
-    if monitor is not None and resume_step is None:
-        monitor.after_step(0, metrics_log)
-    model.train()
     window = {"loss": torch.zeros((), device=accelerator.device), "steps": 0}
-    while position["completed_steps"] < max_train_steps:
-        train_loader.set_epoch(position["epoch"])
-        batches = accelerator.skip_first_batches(train_loader, position["batches_in_epoch"])
-        step_start = time.perf_counter()
-        for batch in batches:
-            clip = hooks.clip_norm(args.max_grad_norm, position["completed_steps"])
-            loss = accumulation_step(
-                accelerator,
-                model,
-                batch,
-                optimizer,
-                lr_scheduler,
-                clip,
-                monitor,
-                metrics_log,
-                position["completed_steps"] + 1,
+    steps = optimizer_steps(
+        accelerator, model, train_loader, optimizer, lr_scheduler, hooks, monitor, metrics_log, position,
+        max_train_steps, args.max_grad_norm,
+    )  # fmt: skip
+    for step, step_loss, step_start in steps:
+        window["loss"] += step_loss
+        position["train_seconds"] += time.perf_counter() - step_start
+        window["steps"] += 1
+        progress.update(1)
+        if step % args.logging_steps == 0 or step == max_train_steps:
+            train_loss = accelerator.reduce(window["loss"], reduction="mean").item() / window["steps"]
+            record = {
+                "train/loss": train_loss,
+                "train/lr": lr_scheduler.get_last_lr()[0],
+                "train/epoch": step / steps_per_epoch,
+            }
+            if isinstance(hooks, SpectralClampHooks):
+                record.update(hooks.metrics())
+            metrics_log.log(record, step)
+            progress.set_postfix(loss=f"{train_loss:.3f}")
+            window = {"loss": window["loss"].zero_(), "steps": 0}
+        epoch_done = position["batches_in_epoch"] >= len(train_loader)
+        if epoch_done or step == max_train_steps:
+            validate(args, accelerator, model, tokenizer, eval_loader, metrics_log, position, run_info)
+            accelerator.print(
+                f"epoch {position['epoch'] + 1}, step {step}: "
+                + ", ".join(f"{key.removeprefix('eval/')} {value:.4f}" for key, value in position["last_eval"].items())
             )
-            window["loss"] += loss / args.gradient_accumulation_steps
-            position["batches_in_epoch"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            position["completed_steps"] += 1
-            step = position["completed_steps"]
-            hooks.after_step(step)
-            position["train_seconds"] += time.perf_counter() - step_start
-            window["steps"] += 1
-            progress.update(1)
-            if step % args.logging_steps == 0 or step == max_train_steps:
-                train_loss = accelerator.reduce(window["loss"], reduction="mean").item() / window["steps"]
-                record = {
-                    "train/loss": train_loss,
-                    "train/lr": lr_scheduler.get_last_lr()[0],
-                    "train/epoch": step / steps_per_epoch,
-                }
-                if isinstance(hooks, SpectralClampHooks):
-                    record.update(hooks.metrics())
-                metrics_log.log(record, step)
-                progress.set_postfix(loss=f"{train_loss:.3f}")
-                window = {"loss": window["loss"].zero_(), "steps": 0}
-            epoch_done = position["batches_in_epoch"] >= len(train_loader)
-            if epoch_done or step == max_train_steps:
-                validate(args, accelerator, model, tokenizer, eval_loader, metrics_log, position, run_info)
-                accelerator.print(
-                    f"epoch {position['epoch'] + 1}, step {step}: "
-                    + ", ".join(
-                        f"{key.removeprefix('eval/')} {value:.4f}" for key, value in position["last_eval"].items()
-                    )
-                )
-            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == max_train_steps):
-                save_checkpoint(accelerator, output_dir, position, args.checkpoints_total_limit)
-            if step >= max_train_steps:
-                break
-            step_start = time.perf_counter()
-        else:
-            position["epoch"] += 1
-            position["batches_in_epoch"] = 0
+        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == max_train_steps):
+            save_checkpoint(accelerator, output_dir, position, args.checkpoints_total_limit)
     progress.close()
     best = position["best"]
     summary = {

@@ -11,7 +11,7 @@ import shutil
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -156,33 +156,58 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(param.numel() for param in counted if param.requires_grad), sum(param.numel() for param in counted)
 
 
-def accumulation_step(
+def optimizer_steps(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    batch: dict,
+    train_loader,
     optimizer,
     lr_scheduler,
-    max_norm: float,
+    hooks,
     monitor: Optional[poet_peft.SpectralMonitor],
     metrics_log: poet_peft.MetricsLog,
-    step: int,
-) -> torch.Tensor:
-    """One micro-batch's forward and backward; at the accumulation boundary clip, step and let the monitor measure.
+    position: dict,
+    max_train_steps: int,
+    max_grad_norm: float,
+) -> Iterator[tuple[int, torch.Tensor, float]]:
+    """Train until position["completed_steps"] reaches max_train_steps, yielding after every optimizer step.
 
-    The monitor measures optimizer step `step` before zero_grad, since --spec-source grad reads the gradients.
-    Returns the detached loss.
+    It starts where `position` says (epoch, batches into it) and keeps it current; on a fresh run the monitor measures
+    step 0 first. Each step clips at the hooks' norm, steps optimizer and scheduler, lets the monitor measure before
+    zero_grad (--spec-source grad reads the gradients) and calls the hooks. It yields (step, the step's loss averaged
+    over its micro-batches, the perf_counter time the step began).
     """
-    with accelerator.accumulate(model):
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        if monitor is not None and accelerator.sync_gradients:
-            monitor.after_step(step, metrics_log)
-        optimizer.zero_grad()
-    return loss.detach()
+    if monitor is not None and position["completed_steps"] == 0:
+        monitor.after_step(0, metrics_log)  # the spectra before training
+    model.train()
+    while position["completed_steps"] < max_train_steps:
+        train_loader.set_epoch(position["epoch"])
+        batches = accelerator.skip_first_batches(train_loader, position["batches_in_epoch"])
+        started, step_loss = time.perf_counter(), torch.zeros((), device=accelerator.device)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                step_loss += loss.detach() / accelerator.gradient_accumulation_steps
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(
+                        model.parameters(), hooks.clip_norm(max_grad_norm, position["completed_steps"])
+                    )
+                optimizer.step()
+                lr_scheduler.step()
+                if monitor is not None and accelerator.sync_gradients:
+                    monitor.after_step(position["completed_steps"] + 1, metrics_log)
+                optimizer.zero_grad()
+            position["batches_in_epoch"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            position["completed_steps"] += 1
+            hooks.after_step(position["completed_steps"])
+            yield position["completed_steps"], step_loss, started
+            if position["completed_steps"] >= max_train_steps:
+                return
+            started, step_loss = time.perf_counter(), torch.zeros((), device=accelerator.device)
+        position["epoch"] += 1
+        position["batches_in_epoch"] = 0
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
