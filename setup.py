@@ -31,15 +31,18 @@ setup(
         "cuda": ["cupy-cuda13x>=14.2", "nvidia-cuda-nvrtc==13.0.*"],
         "examples": EXAMPLES,
         "plot": ["matplotlib>=3.7"],
-        "bench": [*EXAMPLES, "matplotlib>=3.7"],
+        # galore-torch is bench_pretrain.py's GaLore baseline; it brings bitsandbytes, which PEFT then imports.
+        "bench": [*EXAMPLES, "matplotlib>=3.7", "galore-torch>=1.0"],
         # CuPy and NVRTC install without a GPU: the tests compile every kernel for sm_80 and sm_90 with them.
-        # scikit-learn and scipy are the references the GLUE metric is tested against.
+        # scikit-learn and scipy are the references the GLUE metric is tested against; galore-torch runs the GaLore
+        # baseline of run_clm.py.
         "test": [
             "pytest>=8",
             *EXAMPLES,
             "matplotlib>=3.7",
             "scikit-learn>=1.4",
             "scipy>=1.11",
+            "galore-torch>=1.0",
             "cupy-cuda13x>=14.2",
             "nvidia-cuda-nvrtc==13.0.*",
         ],

@@ -1,13 +1,12 @@
 #!/usr/bin/env python
-"""POET's CUDA kernels against the torch reference and PEFT OFT, and a POET layer's training step against a dense one.
+"""POET's CUDA kernels against the torch reference and PEFT OFT: Cayley–Neumann and the rotation of activations.
 
-Three tables, each measured side by side in one process (forward + backward, median of `--repeats`):
+Two tables, each measured side by side in one process (forward + backward, median of `--repeats`):
 1. Cayley–Neumann: d/b rotation blocks of size b from packed skew parameters (3 Neumann terms): our kernel, our
    torch reference, and PEFT OFT's `_cayley_batch`.
 2. The input-centric rotation of `--tokens` bf16 activations of width d (blocks built, then applied): kernels,
    torch reference, and PEFT OFT's rotation module (which does not permute).
-3. One training step (bf16 autocast forward, backward, AdamW) of a d×d POET-BS linear layer against the same
-   dense nn.Linear trained with AdamW, with the kernels and with the torch path.
+A layer's whole training step against dense AdamW, PEFT OFT and LoRA is `bench_layer.py`'s.
 
     python benchmarks/bench_ops.py --record benchmarks/RESULTS.md
 
@@ -27,12 +26,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from peft import get_peft_model
 from peft.tuners.oft.layer import OFTRotationModule
 from reporting import publish
 from tqdm.auto import tqdm
 
-from poet_peft import POETConfig
 from poet_peft.ops import kernels
 from poet_peft.ops.blocks import BlockRotation, block_stochastic_layout
 from poet_peft.ops.orthogonal import cayley_neumann, packed_size, skew_from_packed
@@ -114,47 +111,6 @@ def rotation_row(block: int, dim: int, tokens: int, device: torch.device, repeat
     return [milliseconds(step, device, repeats) if step else None for step in steps]
 
 
-class OneLinear(torch.nn.Module):
-    """A single bias-free d×d linear layer, the unit the POET step is compared on."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.proj = torch.nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-def training_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
-    """One bf16-autocast forward, backward and AdamW step on the trainable parameters of `model`."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(x).float().square().mean()
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def layer_row(block: int, dim: int, tokens: int, device: torch.device, repeats: int) -> list[Optional[float]]:
-    """ms per training step: dense + AdamW, POET on the kernels, POET on the torch path."""
-    torch.manual_seed(0)
-    x = torch.randn(tokens, dim, device=device)
-    dense = OneLinear(dim).to(device)
-    poet = get_peft_model(OneLinear(dim), POETConfig(block=block, target_modules=["proj"])).to(device)
-    results = [milliseconds(training_step(dense, x, device), device, repeats)]
-    for mode in ("cuda", "torch"):
-        if mode == "cuda" and not kernels_usable(device):
-            results.append(None)
-            continue
-        with kernel_path(mode):
-            results.append(milliseconds(training_step(poet, x, device), device, repeats))
-    return results
-
-
 def cell(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -173,14 +129,12 @@ def comparison_rows(results: dict) -> list[str]:
 
 
 def main() -> None:
-    """Measure all three tables and print (and optionally record) them."""
+    """Measure both tables and print (and optionally record) them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256] if gpu else [32, 64])
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 2048, 4096] if gpu else [256, 512])
     parser.add_argument("--tokens", type=int, default=8192 if gpu else 512)
-    parser.add_argument("--layer_dim", type=int, default=4096 if gpu else 512)
-    parser.add_argument("--layer_block", type=int, default=256 if gpu else 64)
     parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
     parser.add_argument("--record", type=Path, default=None, help="append the tables to this Markdown file")
     args = parser.parse_args()
@@ -192,13 +146,12 @@ def main() -> None:
     for block, dim in tqdm(shapes, desc="Cayley–Neumann and rotations"):
         cayley[block, dim] = cayley_row(block, dim, device, args.repeats)
         rotation[block, dim] = rotation_row(block, dim, args.tokens, device, args.repeats)
-    dense, poet_kernels, poet_torch = layer_row(args.layer_block, args.layer_dim, args.tokens, device, args.repeats)
 
     lines = [
         f"Kernel benchmark, {date.today()}, {name}, torch {torch.__version__}",
         f"`python benchmarks/bench_ops.py --blocks {' '.join(map(str, args.blocks))} --dims "
-        f"{' '.join(map(str, args.dims))} --tokens {args.tokens} --layer_dim {args.layer_dim} --layer_block "
-        f"{args.layer_block} --repeats {args.repeats}` (ms, forward + backward, median of {args.repeats})",
+        f"{' '.join(map(str, args.dims))} --tokens {args.tokens} --repeats {args.repeats}` "
+        f"(ms, forward + backward, median of {args.repeats})",
         "",
         f"Cayley–Neumann ({TERMS} terms), d/b blocks:",
         "",
@@ -214,16 +167,6 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     lines += comparison_rows(rotation)
-    lines += [
-        "",
-        f"Training step of a {args.layer_dim}×{args.layer_dim} linear layer, {args.tokens} tokens, bf16 autocast, "
-        f"AdamW; POET-BS b={args.layer_block}, forward path auto:",
-        "",
-        "| dense + AdamW | POET, kernels | POET, torch path | POET kernels / dense | POET torch / dense |",
-        "|---|---|---|---|---|",
-        f"| {cell(dense)} | {cell(poet_kernels)} | {cell(poet_torch)} | {ratio(poet_kernels, dense)} "
-        f"| {ratio(poet_torch, dense)} |",
-    ]
     publish("\n".join(lines), args.record)
 
 

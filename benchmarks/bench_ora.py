@@ -30,7 +30,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import run_clm  # noqa: E402
 from clm_runs import run_clm_process  # noqa: E402
-from reporting import publish  # noqa: E402
+from reporting import plot_loss_curves, publish  # noqa: E402
 
 VARIANTS = {
     "vanilla": ["--method", "adamw"],
@@ -91,25 +91,6 @@ def step_seconds(args: argparse.Namespace, names: list[str]) -> dict[str, float]
     return {name: statistics.median(values[1:]) for name, values in times.items()}  # round 0 warms up
 
 
-def plot(results: dict, path: Path) -> None:
-    """Training loss against tokens, one curve per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    for name, result in results.items():
-        tokens, losses = zip(*result["curve"])
-        axis.plot([t / 1e6 for t in tokens], losses, label=name, lw=1.2)
-    axis.set(xlabel="training tokens (millions)", ylabel="training loss (10-step mean)", ylim=(None, 7.5))
-    axis.set_title("ORA vs vanilla, Gaussian-frozen and Synthesizer attention")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
 def main() -> None:
     """Train every variant, time their steps side by side, print (and optionally record) the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,7 +133,8 @@ def main() -> None:
         )
     publish("\n".join(lines), args.record)
     if args.plot:
-        plot(results, args.plot)
+        curves = {name: result["curve"] for name, result in results.items()}
+        plot_loss_curves(curves, args.plot, "ORA vs vanilla, Gaussian-frozen and Synthesizer attention", top=7.5)
 
 
 if __name__ == "__main__":

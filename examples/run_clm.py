@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from run_utils import (
     TRAINING_STATE,
     NoStepHooks,
@@ -139,8 +139,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--ora_init", choices=["orthogonal", "gaussian"], default="orthogonal", help="ORA's Q/K draw (A1: gaussian)"
     )
     method.add_argument("--ora_trainable_qk", action="store_true", help="train ORA's Q/K from the draw (A2)")
-    method.add_argument("--lora_r", type=int, default=8, help="spectral LoRA rank r")
-    method.add_argument("--lora_alpha", type=float, default=8.0, help="spectral LoRA scale: the branch is × alpha/r")
+    method.add_argument("--lora_r", type=int, default=8, help="LoRA and spectral LoRA rank r")
+    method.add_argument("--lora_alpha", type=float, default=8.0, help="LoRA scale: the branch is × alpha/r")
     method.add_argument("--lora_magnitude", choices=["scalar", "vector"], default="scalar", help="m per layer or row")
     method.add_argument(
         "--lora_sigma_max", type=parse_sigma_max, default=0.7, help='clamp c: σ_max(ΔW) ≤ c/√d_in ("none": off)'
@@ -152,6 +152,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="W beside the branch: the model's own init frozen, redrawn N(0, 1/d_in) and frozen (#1), or 0 (#2)",
     )
     method.add_argument("--magnitude_lr_ratio", type=float, default=10.0, help="lr × this for the magnitudes m")
+    method.add_argument("--galore_rank", type=int, help="GaLore's projection rank (default: hidden/4, as its paper)")
+    method.add_argument("--galore_update_proj_gap", type=int, default=200, help="GaLore: steps between projections")
+    method.add_argument("--galore_scale", type=float, default=0.25, help="GaLore's update scale α")
 
     e4 = parser.add_argument_group("E4 and stable directions (seed 002, with --method adamw)")
     e4.add_argument(
@@ -229,6 +232,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             "merge_every",
             "synthesizer_factor_dim",
             "lora_r",
+            "galore_rank",
+            "galore_update_proj_gap",
             "e4_warmup_steps",
             "e4_rank",
             "track_topk",
@@ -434,11 +439,14 @@ def base_learning_rate(args: argparse.Namespace) -> float:
 
 @dataclass
 class Method:
-    """A training method: how it wraps the model, its optimizer groups, and its per-step hooks."""
+    """A training method: how it wraps the model, its optimizer groups and optimizer, and its per-step hooks."""
 
     wrap: Callable[[torch.nn.Module, argparse.Namespace], torch.nn.Module]
     param_groups: Callable[[torch.nn.Module, argparse.Namespace], list[dict]]
     step_hooks: Callable[[torch.nn.Module, torch.optim.Optimizer], object]
+    optimizer: Callable[[list[dict]], torch.optim.Optimizer] = lambda groups: torch.optim.AdamW(
+        groups, betas=(0.9, 0.999), eps=1e-6
+    )
 
 
 def param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
@@ -498,8 +506,60 @@ def wrap_spectral_lora(model: torch.nn.Module, args: argparse.Namespace) -> torc
     return get_peft_model(model, config)
 
 
+def wrap_lora(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """PEFT's LoRA of rank --lora_r on every transformer-block linear, beside the frozen initial weights."""
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        target_modules=BLOCK_LINEARS.split(","),
+        modules_to_save=TRAINED_IN_FULL,
+    )
+    return get_peft_model(model, config)
+
+
+def galore_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """The usual groups, with the transformer-block weights moved to a group GaLore projects (its paper's targets)."""
+    projected = {id(linear.weight) for _, linear in poet_peft.matching_linears(model, BLOCK_LINEARS.split(","))}
+    groups = param_groups(model, args)
+    matrices = next(group for group in groups if group["name"] == "matrices")
+    matrices["params"] = [p for p in matrices["params"] if id(p) not in projected]
+    galore = {
+        "name": "galore",
+        "params": [p for p in model.parameters() if id(p) in projected],
+        "lr": matrices["lr"],
+        "weight_decay": matrices["weight_decay"],
+        "rank": args.galore_rank or model.config.hidden_size // 4,
+        "update_proj_gap": args.galore_update_proj_gap,
+        "scale": args.galore_scale,
+        "proj_type": "std",
+    }
+    return [*groups, galore]
+
+
+def galore_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    """galore-torch's GaLoreAdamW (Adam's moments kept in the projected space of each projected weight)."""
+    try:
+        from galore_torch import GaLoreAdamW
+        from galore_torch.galore_projector import GaLoreProjector
+    except ImportError as error:
+        raise SystemExit(
+            f"--method galore needs the galore-torch package ({error}): pip install galore-torch, or install "
+            "poet-peft with its [bench] extra"
+        ) from error
+    # Its optimizer state holds a GaLoreProjector per weight; checkpoints load with torch's weights-only unpickler.
+    torch.serialization.add_safe_globals([GaLoreProjector])
+    return GaLoreAdamW(groups, betas=(0.9, 0.999), eps=1e-6, no_deprecation_warning=True)
+
+
 METHODS = {
     "adamw": Method(wrap=lambda model, args: model, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
+    "lora": Method(wrap=wrap_lora, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
+    "galore": Method(
+        wrap=lambda model, args: model,
+        param_groups=galore_param_groups,
+        step_hooks=lambda m, o: NoStepHooks(),
+        optimizer=galore_optimizer,
+    ),
     "poet": Method(wrap=wrap_poet, param_groups=param_groups, step_hooks=poet_peft.MergeSchedule),
     "ora": Method(wrap=wrap_ora, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
     "spectral_lora": Method(wrap=wrap_spectral_lora, param_groups=param_groups, step_hooks=SpectralClampHooks),
@@ -628,7 +688,7 @@ def train(args: argparse.Namespace) -> dict:
     method = METHODS[args.method]
     model = method.wrap(build_model(args, tokenizer), args)
     accelerator.print(parameter_summary(model))
-    optimizer = torch.optim.AdamW(method.param_groups(model, args), betas=(0.9, 0.999), eps=1e-6)
+    optimizer = method.optimizer(method.param_groups(model, args))
 
     batches_per_epoch = None if args.streaming else math.ceil(len(train_loader) / accelerator.num_processes)
     max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(

@@ -69,3 +69,41 @@ def test_bench_glue_runs_each_method_on_the_offline_demo(tmp_path):
     assert table["full"][0] == "0.0002" and table["full"][4] == "22,713,986"
     assert table["poet"][0] == "0.00025 (Q: 0.00025)" and table["poet"][4] == "1,307,138"
     assert all(0 <= float(table[name][1]) <= 1 and float(table[name][5]) >= 0 for name in ("full", "poet"))
+
+
+def test_bench_layer_times_every_method_and_states_the_flop_floor(tmp_path):
+    toy = ["--dims", "128", "--tokens", "64", "256", "--blocks", "16", "--lora_rank", "8", "--repeats", "1"]
+    text = run_benchmark(tmp_path, "bench_layer.py", *toy, "--memory_tokens", "256")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line[:5] == "| 128"]
+    assert [row[2] for row in rows[:8]] == [
+        "dense + AdamW", "POET-BS b=16, weight", "POET-BS b=16, input", "POET-BS b=16, auto",
+        "POET-BS b=16, weight, recompute", "POET-FS b=1/2, auto", "PEFT OFT b=16", "PEFT LoRA r=8",
+    ]  # fmt: skip
+    assert len(rows) == 16 and all(row[4] == "1.000" for row in rows if row[2] == "dense + AdamW")
+    at_256 = {row[2]: row for row in rows if row[1] == "256"}
+    # The floor at d=128, b=16, 256 tokens, against the dense 4·256·128² flops: weight-centric adds 10·b·d² for
+    # the rotations, input-centric 10·tokens·d·b; Cayley–Neumann 2 sides × 6 × 2 matmuls × 8 blocks × 16³.
+    dense, cayley = 4 * 256 * 128**2, 2 * 6 * 2 * 8 * 16**3
+    assert at_256["POET-BS b=16, weight"][5] == f"{(dense + 10 * 16 * 128**2 + cayley) / dense:.3f}"
+    assert at_256["POET-BS b=16, input"][5] == f"{(dense + 10 * 256 * 128 * 16 + cayley) / dense:.3f}"
+    recompute = at_256["POET-BS b=16, weight, recompute"][5]
+    assert recompute == f"{(dense + 14 * 16 * 128**2 + cayley) / dense:.3f}"  # the forward's 4·b·d² again
+    assert all(float(row[6]) > 0 for row in at_256.values())  # peak memory probed at 256 tokens only
+    assert all(row[6] == "" for row in rows if row[1] == "64")
+
+
+def test_bench_pretrain_sweeps_reseeds_the_top_two_and_plots(tmp_path):
+    toy = ["--steps", "2", "--batch_size", "2", "--block_size", "32", "--eval_samples", "4", "--lr_factors", "1"]
+    methods = ["--methods", "adamw", "poet-bs b=h/8", "galore", "--extra_seeds", "1"]
+    text = run_benchmark(tmp_path, "bench_pretrain.py", *toy, *methods, "--plot", str(tmp_path / "loss.png"))
+    table = table_rows(text, 7)
+    # nano: 1,149,248 parameters. POET-BS b=8 swaps the 100,352 weights of its 14 block linears for 28 Q entries per
+    # 8×8 block: 8 blocks on a side of 64, 22 on a side of 176, so 2 layers × (4·16 + 3·30)·28 = 8,624.
+    assert table["adamw"][0] == "0.002" and table["adamw"][4] == "1,149,248"
+    assert table["galore"][0] == "0.004" and table["galore"][4] == "1,149,248"
+    assert table["poet-bs b=h/8"][0] == "0.032" and table["poet-bs b=h/8"][4] == "1,057,520"
+    assert all(float(table[name][1]) > 1 and float(table[name][3]) > 0 for name in ("adamw", "galore"))
+    seeds = table_rows(text, 4)
+    assert len([name for name in seeds if name not in ("method", "---")]) == 2
+    assert all(row[0] == "0, 1" for name, row in seeds.items() if name not in ("method", "---"))
+    assert (tmp_path / "loss.png").stat().st_size > 10_000

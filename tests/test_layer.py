@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, VOCAB, outputs, randomize_skew, tiny_llama, tiny_model
 from peft import get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import poet_peft
 from poet_peft import POETConfig
+from poet_peft.ops.blocks import PERMUTED_ELEMENT_FLOPS, placement_cost, rotation_flops
 from poet_peft.tuners.poet import DEFAULT_TARGET_MODULES
 
 
@@ -107,6 +109,100 @@ def test_auto_path_puts_each_rotation_where_it_is_cheaper():
     assert up_proj.rotation_sides(["default"], tokens=4096) == (False, False)
 
 
+SIDES = [(True, True), (True, False), (False, True), (False, False)]
+
+
+class OneLinear(torch.nn.Module):
+    """A single bias-free d×d linear layer."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def counted_flops(layer, x: torch.Tensor, sides: tuple[bool, bool], training: bool, monkeypatch) -> int:
+    """Matmul flops torch runs for the layer's forward (and backward) with R, P placed by `sides`, minus Cayley's."""
+    monkeypatch.setattr(layer, "rotation_sides", lambda *args, **kwargs: sides)
+    with torch.set_grad_enabled(training), FlopCounterMode(display=False) as total:
+        output = layer(x)
+        if training:
+            output.sum().backward()
+    with torch.set_grad_enabled(training), FlopCounterMode(display=False) as cayley:
+        blocks = [block for rotation in layer.rotations("default") for block in rotation.blocks]
+        if training:
+            sum(block.sum() for block in blocks).backward()
+    return total.get_total_flops() - cayley.get_total_flops()
+
+
+@pytest.mark.parametrize("training,input_needs_grad", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    "mode,block,tokens",
+    [("bs", 16, 1), ("bs", 16, 80), ("bs", 16, 4096), ("bs", 4, 200), ("bs", 20, 100), ("fs", 0.5, 100)],
+)
+def test_rotation_flops_are_what_torch_computes(mode, block, tokens, training, input_needs_grad, monkeypatch):
+    # b=20 leaves remainder blocks (64 = 3·20 + 4, 96 = 4·20 + 16), and FS rotates unequal shares of the two sides.
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=block, mode=mode))
+    up_proj = peft_model.base_model.model.model.layers[0].mlp.up_proj  # in 64, out 96
+    left, right = up_proj.poet_layouts["default"]
+    x = torch.randn(tokens, 64, requires_grad=input_needs_grad)
+    with monkeypatch.context() as patch:
+        counted = {sides: counted_flops(up_proj, x, sides, training, patch) for sides in SIDES}
+    assert counted == {
+        sides: rotation_flops(left, right, tokens, *sides, training, input_needs_grad) for sides in SIDES
+    }
+
+
+def test_auto_path_weighs_flops_and_data_movement():
+    layer = get_peft_model(OneLinear(2048), POETConfig(block=16, target_modules=["proj"])).base_model.model.proj
+    left, right = layer.poet_layouts["default"]
+    # Moving an element costs PERMUTED_ELEMENT_FLOPS: here 2 sides × 4 passes (gather and back, forward and backward)
+    # over the 8192·2048 activations.
+    inside = placement_cost(left, right, 8192, (False, False), True, True)
+    assert (
+        inside == rotation_flops(left, right, 8192, False, False, True, True) + PERMUTED_ELEMENT_FLOPS * 8 * 8192 * 2048
+    )
+    # Inside a network (the input wants a gradient) weight-centric training runs three matmuls, input-centric two
+    # (W0 is frozen): at b=16 and d=2048 that saving outweighs moving 8192 activations through the permutations.
+    assert inside < placement_cost(left, right, 8192, (True, True), True, True)
+    assert layer.rotation_sides(["default"], 8192, training=True, input_needs_grad=True) == (False, False)
+    # A first layer, or inference: the same matmuls either way, so moving the weight's d² beats 8192·d.
+    assert layer.rotation_sides(["default"], 8192, training=True, input_needs_grad=False) == (True, True)
+    assert layer.rotation_sides(["default"], 8192) == (True, True)
+
+
+def saved_bytes_and_grads(recompute: bool) -> tuple[int, list[torch.Tensor]]:
+    """Bytes autograd keeps for the backward of a weight-centric POET layer's forward, and the gradients it gives."""
+    torch.manual_seed(0)
+    config = POETConfig(block=16, forward_path="weight", recompute_weight=recompute, target_modules=["proj"])
+    model = get_peft_model(OneLinear(64), config)
+    randomize_skew(model, 0.1)
+    x = torch.randn(32, 64, requires_grad=True)
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(x)
+    output.square().sum().backward()
+    weight = model.base_model.model.proj.get_base_layer().weight
+    kept = sum(nbytes for pointer, nbytes in storages.items() if pointer != weight.untyped_storage().data_ptr())
+    return kept, [x.grad, *(p.grad for p in model.parameters() if p.requires_grad)]
+
+
+def test_recompute_weight_keeps_less_for_the_backward_and_gives_the_same_gradients():
+    kept, grads = saved_bytes_and_grads(recompute=False)
+    kept_recomputing, grads_recomputing = saved_bytes_and_grads(recompute=True)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_recomputing))
+    # Without recomputing, the bmm inputs of both sides (W0 gathered into block order, then R·W0 for P: 16 KiB each
+    # at 64×64 in fp32) wait for the backward.
+    assert kept - kept_recomputing >= 2 * 64 * 64 * 4
+
+
 def test_bf16_weights_train_with_float32_rotations(tokens):
     model = tiny_llama()
     reference_model = copy.deepcopy(model)
@@ -171,6 +267,7 @@ def test_fully_stochastic_subsets_cover_every_coordinate_over_merges():
         ({"merge_every": 0}, r"merge_every=0 is invalid: use an integer ≥ 1.*None"),
         ({"init_weights": "kaiming"}, r"init_weights='kaiming'.*'normalized_gaussian', 'uniform_spectrum', 'xavier'"),
         ({"forward_path": "fast"}, r"forward_path='fast' is invalid; valid: 'auto', 'weight', 'input'"),
+        ({"forward_path": "input", "recompute_weight": True}, r"forward_path='input' never builds; valid: "),
     ],
 )
 def test_bad_config_values_raise_naming_the_field_value_and_valid_choices(kwargs, message):

@@ -69,6 +69,19 @@ def test_merge_folds_rotations_zeroes_q_and_redraws_permutations():
         assert not torch.equal(layer.poet_perm_out["default"], perm)
 
 
+def test_a_diverged_adapter_is_refused_at_the_merge_and_w0_is_kept():
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16))
+    randomize_skew(peft_model, std=0.05)
+    layer = peft_model.base_model.model.model.layers[1].mlp.down_proj
+    weights = {id(other): other.logical_weight().clone() for other in poet_peft.poet_layers(peft_model)}
+    with torch.no_grad():
+        layer.poet_P["default"][3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"model.layers.1.mlp.down_proj: adapter 'default' has non-finite"):
+        poet_peft.merge_and_reinit(peft_model)
+    for other in poet_peft.poet_layers(peft_model):  # layers before and after the diverged one alike
+        assert torch.equal(other.logical_weight(), weights[id(other)]) and int(other.poet_merge_count["default"]) == 0
+
+
 @pytest.mark.parametrize(
     "orthogonalize, neumann_terms, tolerance",
     [(False, 3, 1e-6), (True, None, 1e-6), (True, 3, 1e-4)],

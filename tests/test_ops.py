@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from poet_peft.ops.blocks import (
     BlockRotation,
     block_stochastic_layout,
     fully_stochastic_layout,
+    permute,
     rotate_weight,
 )
 from poet_peft.ops.initialization import initial_weight
 from poet_peft.ops.orthogonal import (
     cayley,
     cayley_neumann,
+    cayley_neumann_matmuls,
     nearest_orthogonal,
     orthogonality_error,
     packed_size,
@@ -77,6 +80,16 @@ def test_cayley_neumann_three_terms_is_the_papers_polynomial():
 
 @pytest.mark.parametrize("norm", [0.05, 0.2, 0.5, 0.8])
 @pytest.mark.parametrize("terms", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("terms", [0, 1, 2, 3, 4, 5])
+def test_cayley_neumann_makes_the_counted_matmuls_and_equals_its_series(terms):
+    skew = random_skew(8, 0.3)
+    with FlopCounterMode(display=False) as counter:
+        rotation = cayley_neumann(skew, terms)
+    assert counter.get_total_flops() == cayley_neumann_matmuls(terms) * 3 * 2 * 8**3
+    series = sum(torch.linalg.matrix_power(skew, power) for power in range(terms + 1))
+    assert torch.allclose(rotation, (torch.eye(8, dtype=F64) + skew) @ series, atol=1e-14)
+
+
 def test_cayley_neumann_error_against_exact_cayley(norm, terms):
     # R_k = C·(I − Q^(k+1)) with C the exact Cayley transform, so ‖R_k − C‖₂ = ‖Q‖₂^(k+1) = λ^(k+1). R_kᵀR_k − I is
     # −2Q^(k+1) + Q^(2k+2) for odd k, of norm 2λ^(k+1) ± λ^(2k+2) (Q^(k+1) = ∓λ^(k+1) on Q's top eigenspace), and
@@ -161,6 +174,18 @@ def test_block_rotation_equals_its_dense_matrix(layout):
     )
     assert torch.allclose(dense(rotation.inverse()), torch.linalg.inv(matrix), atol=1e-12)
     assert orthogonality_error(dense(rotation.orthogonalized())) < 1e-13
+    columns = torch.randn(layout.dim, 7, dtype=F64)
+    assert torch.allclose(rotation.rotate_columns(columns), matrix @ columns, atol=1e-13)
+    assert torch.allclose(rotation.rotate_columns(columns.T.contiguous().T, transpose=True), matrix.T @ columns)
+
+
+def test_permutation_gradient_is_the_inverse_gather():
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 9, dtype=F64, requires_grad=True)
+    for dim in (0, -1):
+        index = perm[: x.shape[dim]].argsort() if dim == 0 else perm
+        assert torch.autograd.gradcheck(lambda t: permute(t, dim, index, index.argsort()), (x,))
+    assert torch.equal(permute(x, -1, perm, perm.argsort()), x[:, perm])
 
 
 def test_rotate_weight_is_left_times_weight_times_right():

@@ -180,6 +180,57 @@ def test_ora_pretraining_learns_with_q_and_k_left_as_drawn(cache, tmp_path):
             assert torch.allclose(weight @ weight.T, torch.eye(64), atol=1e-5)
 
 
+def test_lora_pretraining_learns_rank_r_updates_beside_the_frozen_init(cache, tmp_path):
+    flags = [*NANO, "--method", "lora", "--lora_r", "4", "--max_train_steps", "60", "--learning_rate", "3e-2"]
+    result = run_script(cache, tmp_path, *flags, "--logging_steps", "5", "--eval_steps", "30")
+    assert_learns(metrics(tmp_path))
+    # Frozen: the block linears, 2 layers × (4·64² + 3·64·176). Trained: 4·4·(64+64) + 3·4·(64+176) = 4,928 LoRA
+    # parameters per layer, plus embeddings and lm_head (512·64 each) and the 5 norms of 64.
+    assert "trainable parameters: 75,712 of 176,064 (43.00%); frozen: 100,352" in result.stdout
+
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    args = run_clm.parse_args(flags)
+    torch.manual_seed(args.seed)  # what run_clm.py does before building the model
+    initial = run_clm.build_model(args, AutoTokenizer.from_pretrained(tmp_path / "model"))
+    for name, weight in merged.named_parameters():
+        if name.endswith("proj.weight"):
+            update = (weight - initial.get_parameter(name)).double()
+            singular = torch.linalg.svdvals(update)
+            assert singular[0] > 1e-3 and singular[4] < 1e-6 * singular[0]  # a rank-4 update of the init
+
+
+def test_galore_keeps_adam_moments_in_the_rank_hidden_over_4_projection():
+    args = run_clm.parse_args([*NANO, "--method", "galore"])
+    model = run_clm.build_model(args, run_clm.train_bpe_tokenizer(["a few words of text"], 300))
+    groups = run_clm.galore_param_groups(model, args)
+    galore = next(group for group in groups if group["name"] == "galore")
+    assert galore["rank"] == 16 and len(galore["params"]) == 2 * 7  # hidden 64 / 4; every block linear
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    optimizer = run_clm.galore_optimizer(groups)
+    batch = torch.randint(model.config.vocab_size, (2, 16))
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    up, q = model.model.layers[0].mlp.up_proj.weight, model.model.layers[0].self_attn.q_proj.weight
+    assert optimizer.state[up]["exp_avg"].shape == (176, 16)  # (176, 64): its 64 side projected to rank 16
+    assert optimizer.state[q]["exp_avg"].shape == (64, 16)
+    assert optimizer.state[model.lm_head.weight]["exp_avg"].shape == model.lm_head.weight.shape  # plain AdamW
+
+
+def test_galore_pretraining_learns_and_resumes_exactly(cache, tmp_path):
+    flags = [*NANO, "--method", "galore", "--max_train_steps", "60", "--galore_update_proj_gap", "20"]
+    flags += ["--logging_steps", "5", "--eval_steps", "30", "--checkpointing_steps", "30"]
+    run_script(cache, tmp_path / "full", *flags)
+    assert_learns(metrics(tmp_path / "full"))
+    # The projections (GaLoreProjector objects in the optimizer state) come back from the checkpoint.
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_30"
+    run_script(cache, tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(checkpoint))
+    expected = [point for point in series(metrics(tmp_path / "full"), "train/loss") if point[0] > 30]
+    assert series(metrics(tmp_path / "resumed"), "train/loss") == expected
+
+
 def test_synthesizer_baseline_learns_without_q_and_k(cache, tmp_path):
     flags = ["--method", "adamw", "--attention", "synthesizer_random", "--max_train_steps", "60"]
     result = run_script(cache, tmp_path, *NANO, *flags, "--logging_steps", "5", "--eval_steps", "30")

@@ -33,10 +33,26 @@ def cayley(skew: torch.Tensor) -> torch.Tensor:
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     """Cayley–Neumann map (I + Q)(I + Q + … + Q^terms): (I − Q)⁻¹ replaced by its truncated Neumann series."""
     eye = _identity_like(skew)
-    series = eye
-    for _ in range(terms):  # Horner's scheme: I + Q(I + Q(I + …)), one matmul per term
-        series = eye + skew @ series
-    return series + skew @ series
+    # Expanded, the map is Σ c_j Q^j with c = 1, 2, …, 2, 1. Evaluated as Σ (c_2i I + c_2i+1 Q)(Q²)^i by Horner's
+    # scheme in Q², it costs `cayley_neumann_matmuls(terms)` matmuls, not terms + 1: 2 instead of 4 for 3 terms.
+    if terms == 0:
+        return eye + skew
+    coefficients = [1.0] + [2.0] * terms + [1.0]
+    square = skew @ skew
+    if len(coefficients) % 2:  # the top power is even: c_top·Q² joins the innermost pair, without a matmul
+        result = coefficients[-3] * eye + coefficients[-2] * skew + coefficients[-1] * square
+        remaining = coefficients[:-3]
+    else:
+        result = coefficients[-2] * eye + coefficients[-1] * skew
+        remaining = coefficients[:-2]
+    for start in range(len(remaining) - 2, -1, -2):
+        result = remaining[start] * eye + remaining[start + 1] * skew + square @ result
+    return result
+
+
+def cayley_neumann_matmuls(terms: int) -> int:
+    """Matrix products `cayley_neumann` makes per block in its forward pass: 1 + ⌊terms/2⌋ (none for terms = 0)."""
+    return 0 if terms == 0 else 1 + terms // 2
 
 
 def rotation_from_skew(skew: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:

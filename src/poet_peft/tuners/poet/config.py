@@ -44,6 +44,13 @@ class POETConfig(PeftConfig):
         default="auto",
         metadata={"help": "'weight' builds R·W0·P, 'input' rotates activations, 'auto' picks the cheaper per call."},
     )
+    recompute_weight: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight-centric training: rebuild R·W0·P in the backward instead of keeping its intermediates "
+            "(two fewer weight-sized tensors per layer held until the backward, for 4·b·d² more flops)."
+        },
+    )
     init_weights: Optional[Literal["normalized_gaussian", "uniform_spectrum", "xavier"]] = field(
         default=None,
         metadata={"help": "Redraw W0 for pretraining from scratch; None keeps the base model's weights."},
@@ -116,6 +123,11 @@ class POETConfig(PeftConfig):
             raise ValueError(
                 f"POETConfig.forward_path={self.forward_path!r} is invalid; valid: "
                 f"{', '.join(repr(name) for name in FORWARD_PATHS)}."
+            )
+        if self.recompute_weight and self.forward_path == "input":
+            raise ValueError(
+                "POETConfig.recompute_weight=True rebuilds R·W0·P, which forward_path='input' never builds; valid: "
+                "forward_path='weight' or 'auto' (where it applies to the calls that take the weight-centric path)."
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("POETConfig.layers_pattern only applies together with layers_to_transform.")

@@ -7,16 +7,19 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ...ops import kernels
 from ...ops.blocks import (
     BlockLayout,
     BlockRotation,
     block_stochastic_layout,
     fully_stochastic_layout,
     fully_stochastic_size,
+    placement_cost,
     rotate_weight,
 )
 from ...ops.initialization import initial_weight
@@ -195,16 +198,28 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         input_dtype, weight_dtype = x.dtype, self.logical_weight().dtype
         rotations = [self.rotations(name) for name in adapters]
-        left_on_weight, right_on_weight = self.rotation_sides(adapters, tokens=x.numel() // x.shape[-1])
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.skew_parameters())
+        left_on_weight, right_on_weight = self.rotation_sides(
+            adapters, x.numel() // x.shape[-1], training, input_needs_grad=x.requires_grad
+        )
         if not right_on_weight:  # input-centric part: x·(W0P₁P₂)ᵀ rotates x by P₂, then P₁
             for _, right in reversed(rotations):
                 x = right.apply(x)
         x = x.to(weight_dtype)
         if left_on_weight or right_on_weight:  # weight-centric part: R₂R₁·W0·P₁P₂
-            weight = self.logical_weight()
-            for left, right in rotations:
-                weight = rotate_weight(weight, left if left_on_weight else None, right if right_on_weight else None)
-            result = self._base_forward_with(x, weight.to(weight_dtype))
+
+            def rotated(weight: torch.Tensor) -> torch.Tensor:
+                for left, right in rotations:
+                    weight = rotate_weight(weight, left if left_on_weight else None, right if right_on_weight else None)
+                return weight.to(weight_dtype)
+
+            if training and self.poet_config[adapters[0]].recompute_weight:
+                weight = torch.utils.checkpoint.checkpoint(
+                    rotated, self.logical_weight(), use_reentrant=False, preserve_rng_state=False
+                )
+            else:
+                weight = rotated(self.logical_weight())
+            result = self._base_forward_with(x, weight)
         else:
             result = self.base_layer(x)
         if not left_on_weight:
@@ -214,16 +229,32 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
                 result = left.apply(result) if bias is None else result + left.apply_minus_identity(result - bias)
         return result.to(input_dtype)
 
-    def rotation_sides(self, adapter_names: list[str], tokens: int) -> tuple[bool, bool]:
+    def rotation_sides(
+        self, adapter_names: list[str], tokens: int, training: bool = False, input_needs_grad: bool = False
+    ) -> tuple[bool, bool]:
         """Whether R and whether P go on the weight (weight-centric) rather than on the activations (input-centric).
 
-        Rotating the weight's n columns by R costs n·Σb² against tokens·Σb² for the outputs, and rotating its
-        m rows by P costs m·Σb² against tokens·Σb² for the inputs: each side takes the cheaper one.
+        With forward_path="auto" on the torch path the four combinations are costed (`placement_cost`: flops plus
+        the permutations' data movement, summed over the adapters) and the cheapest wins, ties going to the weight.
+        Training matters: a weight-centric side needs the weight gradient of the matmul, which the input-centric
+        path never computes for the frozen W0.
         """
         forced = self.poet_config[adapter_names[0]].forward_path
         if forced != "auto":
             return forced == "weight", forced == "weight"
-        return self.in_features <= tokens, self.out_features <= tokens
+        layouts = [self.poet_layouts[name] for name in adapter_names]
+        sizes = [size for pair in layouts for layout in pair for size in layout.sizes]
+        if kernels.use_kernels(self.logical_weight(), sizes):
+            # The fused CUDA kernels have no separate gathers and run off the tensor cores; until their costs are
+            # measured, each side goes where its rotation touches fewer vectors.
+            return self.in_features <= tokens, self.out_features <= tokens
+        choices = [(True, True), (True, False), (False, True), (False, False)]
+        return min(
+            choices,
+            key=lambda sides: sum(
+                placement_cost(left, right, tokens, sides, training, input_needs_grad) for left, right in layouts
+            ),
+        )
 
     # -- PEFT merge / unmerge -------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -255,6 +286,17 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         return self.rotated_weight([adapter_name]).to(weight.dtype) - weight
 
     # -- POET merge-then-reinitialize -----------------------------------------------------------------------
+    def raise_if_diverged(self) -> None:
+        """Raise FloatingPointError if an active adapter's skew parameters are not finite (training diverged)."""
+        for name in self._active_poet_adapters():
+            if not (torch.isfinite(self.poet_R[name]).all() and torch.isfinite(self.poet_P[name]).all()):
+                # Folding NaN or inf into W0 would destroy it for good: stop while every W0 is still intact.
+                raise FloatingPointError(
+                    f"POET cannot merge {self.layer_key}: adapter {name!r} has non-finite skew parameters, so "
+                    "training diverged. No W0 was changed; lower the POET lr (or max_grad_norm) and resume from "
+                    "an earlier checkpoint."
+                )
+
     @torch.no_grad()
     def merge_and_reinit(self) -> None:
         """POET's merge: fold each active adapter's R, P into W0, zero its skew parameters, redraw its permutations."""
@@ -262,6 +304,7 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             raise RuntimeError(
                 f"{self.layer_key} is merged through PEFT's merge(); call unmerge() before merge_and_reinit()."
             )
+        self.raise_if_diverged()
         for name in self._active_poet_adapters():
             # Folded in float64: hundreds of merges must not add up rounding errors in W0's spectrum.
             orthogonalize = self.poet_config[name].merge_orthogonalize
