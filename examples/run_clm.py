@@ -49,6 +49,7 @@ from run_utils import (
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
+    window_record,
 )
 from tqdm.auto import tqdm
 from transformers import (
@@ -784,17 +785,13 @@ def train(args: argparse.Namespace) -> dict:
         progress.update(1)
 
         if step % args.logging_steps == 0 or step == max_train_steps:
-            train_loss = accelerator.reduce(window["loss"], reduction="mean").item() / window["steps"]
             record = {
-                "train/loss": train_loss,
-                "train/lr": lr_scheduler.get_last_lr()[0],
+                **window_record(accelerator, window, lr_scheduler, hooks),
                 "train/tokens": position["tokens"],
                 "train/tokens_per_second": window["steps"] * tokens_per_step / window["seconds"],
             }
-            if isinstance(hooks, SpectralClampHooks):
-                record.update(hooks.metrics())
             metrics_log.log(record, step)
-            progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['train/tokens_per_second']:,.0f}")
+            progress.set_postfix(loss=f"{record['train/loss']:.3f}", tok_s=f"{record['train/tokens_per_second']:,.0f}")
             window = {"loss": window["loss"].zero_(), "steps": 0, "seconds": 0.0}
         if step % args.eval_steps == 0 or step == max_train_steps:
             last_eval = evaluate(model, eval_loader, accelerator)

@@ -51,6 +51,7 @@ from run_utils import (
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
+    window_record,
 )
 from tqdm.auto import tqdm
 from transformers import (
@@ -570,16 +571,9 @@ def train(args: argparse.Namespace) -> dict:
         window["steps"] += 1
         progress.update(1)
         if step % args.logging_steps == 0 or step == max_train_steps:
-            train_loss = accelerator.reduce(window["loss"], reduction="mean").item() / window["steps"]
-            record = {
-                "train/loss": train_loss,
-                "train/lr": lr_scheduler.get_last_lr()[0],
-                "train/epoch": step / steps_per_epoch,
-            }
-            if isinstance(hooks, SpectralClampHooks):
-                record.update(hooks.metrics())
+            record = {**window_record(accelerator, window, lr_scheduler, hooks), "train/epoch": step / steps_per_epoch}
             metrics_log.log(record, step)
-            progress.set_postfix(loss=f"{train_loss:.3f}")
+            progress.set_postfix(loss=f"{record['train/loss']:.3f}")
             window = {"loss": window["loss"].zero_(), "steps": 0}
         epoch_done = position["batches_in_epoch"] >= len(train_loader)
         if epoch_done or step == max_train_steps:

@@ -211,6 +211,17 @@ def optimizer_steps(
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
+def window_record(accelerator: Accelerator, window: dict, lr_scheduler, hooks) -> dict:
+    """What both scripts log for the steps since the last log: mean training loss over ranks, lr, clamp metrics."""
+    record = {
+        "train/loss": accelerator.reduce(window["loss"], reduction="mean").item() / window["steps"],
+        "train/lr": lr_scheduler.get_last_lr()[0],
+    }
+    if isinstance(hooks, SpectralClampHooks):
+        record.update(hooks.metrics())
+    return record
+
+
 def completed_checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoints in output_dir/checkpoints, oldest first (unfinished `.partial` ones excluded)."""
     folder = output_dir / "checkpoints"

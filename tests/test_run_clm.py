@@ -526,7 +526,10 @@ def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
         (["--streaming"], "--streaming applies to --dataset_name only"),
         (["--dataset_name", "allenai/c4", "--streaming"], "pass --max_train_steps"),
         (["--dataset_name", "x", "--train_file", "y.txt"], "either --dataset_name or --train_file"),
-        (["--method", "sgd"], "invalid choice: 'sgd' (choose from 'adamw', 'galore', 'lora', 'ora', 'poet', 'spectral_lora')"),
+        (
+            ["--method", "sgd"],
+            "invalid choice: 'sgd' (choose from 'adamw', 'galore', 'lora', 'ora', 'poet', 'spectral_lora')",
+        ),
         (
             ["--e4", "svd"],
             "--e4 and --track_directions_every act on the plain model's Linear layers: use --method adamw",
