@@ -62,16 +62,18 @@ class Method:
 
     name: str
     wrap: Callable[[torch.nn.Module, int], torch.nn.Module]
-    poet: Optional[tuple[str, float, str, bool]] = None  # (mode, block, forward_path, recompute_weight)
+    poet: Optional[tuple[str, float, str, str]] = None  # (mode, block, forward_path, memory_mode)
 
 
-def poet_method(mode: str, block: float, path: str, recompute: bool = False) -> Method:
-    """POET-BS or -FS on the layer, with the forward path forced or auto (and optionally `recompute_weight`)."""
+def poet_method(mode: str, block: float, path: str, memory_mode: str = "recompute") -> Method:
+    """POET-BS or -FS on the layer, with the forward path forced or auto, in a memory mode (labelled unless default)."""
     label = f"POET-{mode.upper()} b={block if mode == 'bs' else '1/' + str(round(1 / block))}, {path}"
-    label += ", recompute" if recompute else ""
+    label += ", store" if memory_mode == "store" else ""
     config = dict(block=block, mode=mode, forward_path=path, target_modules=["proj"], merge_every=None)
-    config["recompute_weight"] = recompute
-    return Method(label, lambda layer, dim: get_peft_model(layer, POETConfig(**config)), (mode, block, path, recompute))
+    config["memory_mode"] = memory_mode
+    return Method(
+        label, lambda layer, dim: get_peft_model(layer, POETConfig(**config)), (mode, block, path, memory_mode)
+    )
 
 
 def oft_method(block: int) -> Method:
@@ -90,10 +92,10 @@ def lora_method(rank: int) -> Method:
 
 def methods(blocks: list[int], lora_rank: int) -> list[Method]:
     """Dense first (every ratio is to it), then POET-BS per block and path (the largest block also weight-centric
-    with recompute_weight), POET-FS 1/2, OFT per block, LoRA."""
+    with memory_mode="store"), POET-FS 1/2, OFT per block, LoRA."""
     rows = [Method("dense + AdamW", lambda layer, dim: layer)]
     rows += [poet_method("bs", block, path) for block in blocks for path in ("weight", "input", "auto")]
-    rows += [poet_method("bs", max(blocks), "weight", recompute=True)]
+    rows += [poet_method("bs", max(blocks), "weight", memory_mode="store")]
     rows += [poet_method("fs", 0.5, "auto")]
     rows += [oft_method(block) for block in blocks]
     return rows + [lora_method(lora_rank)]
@@ -108,20 +110,21 @@ def cayley_products(device: torch.device) -> int:
 def poet_floor(method: Method, dim: int, tokens: int, input_grad: bool, products: int) -> Optional[float]:
     """POET's flops over the dense step's (4·tokens·d², 6· with --input_grad) on the path auto takes; None for others.
 
-    The extra flops are the rotations (`rotation_flops`, the weight's forward ones twice with recompute_weight) plus
-    building R and P by Cayley–Neumann: each of its matmuls is 2b³ flops forward and 4b³ backward per block.
+    The extra flops are the rotations (`rotation_flops`; with memory_mode="recompute" the forward's rotations run
+    again, and the matmul where R acts on the outputs) plus building R and P by Cayley–Neumann: each of its matmuls
+    is 2b³ flops forward (twice when recomputing) and 4b³ backward per block.
     """
     if method.poet is None:
         return None
-    mode, block, path, recompute = method.poet
+    mode, block, path, memory_mode = method.poet
+    recompute = memory_mode == "recompute"
     layout = block_stochastic_layout(dim, block) if mode == "bs" else fully_stochastic_layout(dim, block)
     paths = {"weight": [(True, True)], "input": [(False, False)], "auto": list(product((True, False), repeat=2))}
-    sides = min(paths[path], key=lambda sides: placement_cost(layout, layout, tokens, sides, True, input_grad))
-    step = rotation_flops(layout, layout, tokens, *sides, True, input_grad)
-    if recompute:  # the weight's rotations run again in the backward
-        step += rotation_flops(layout, layout, tokens, *sides, False, False) - 2 * tokens * dim * dim
+    cost = lambda sides: placement_cost(layout, layout, tokens, sides, True, input_grad, recompute)  # noqa: E731
+    sides = min(paths[path], key=cost)
+    step = rotation_flops(layout, layout, tokens, *sides, True, input_grad, recompute)
     cubes = sum(count * size**3 for count, size in layout.groups)
-    cayley = 2 * 6 * products * cubes  # R and P
+    cayley = 2 * (6 + 2 * recompute) * products * cubes  # R and P
     return (step + cayley) / ((6 if input_grad else 4) * tokens * dim * dim)
 
 

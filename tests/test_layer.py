@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from conftest import ARCHITECTURES, VOCAB, outputs, randomize_skew, tiny_llama, 
 from peft import get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 import poet_peft
 from poet_peft import POETConfig
@@ -124,7 +126,8 @@ class OneLinear(torch.nn.Module):
 
 
 def counted_flops(layer, x: torch.Tensor, sides: tuple[bool, bool], training: bool, monkeypatch) -> int:
-    """Matmul flops torch runs for the layer's forward (and backward) with R, P placed by `sides`, minus Cayley's."""
+    """Matmul flops torch runs for the layer's forward (and backward) with R, P placed by `sides`, minus Cayley's
+    (built twice when the backward recomputes)."""
     monkeypatch.setattr(layer, "rotation_sides", lambda *args, **kwargs: sides)
     with torch.set_grad_enabled(training), FlopCounterMode(display=False) as total:
         output = layer(x)
@@ -134,24 +137,32 @@ def counted_flops(layer, x: torch.Tensor, sides: tuple[bool, bool], training: bo
         blocks = [block for rotation in layer.rotations("default") for block in rotation.blocks]
         if training:
             sum(block.sum() for block in blocks).backward()
-    return total.get_total_flops() - cayley.get_total_flops()
+    with FlopCounterMode(display=False) as rebuilt:
+        layer.rotations("default")
+    recomputed = training and layer.poet_config["default"].memory_mode == "recompute"
+    return total.get_total_flops() - cayley.get_total_flops() - recomputed * rebuilt.get_total_flops()
 
 
+@pytest.mark.parametrize("memory_mode", ["recompute", "store"])
 @pytest.mark.parametrize("training,input_needs_grad", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize(
     "mode,block,tokens",
     [("bs", 16, 1), ("bs", 16, 80), ("bs", 16, 4096), ("bs", 4, 200), ("bs", 20, 100), ("fs", 0.5, 100)],
 )
-def test_rotation_flops_are_what_torch_computes(mode, block, tokens, training, input_needs_grad, monkeypatch):
+def test_rotation_flops_are_what_torch_computes(
+    mode, block, tokens, training, input_needs_grad, memory_mode, monkeypatch
+):
     # b=20 leaves remainder blocks (64 = 3·20 + 4, 96 = 4·20 + 16), and FS rotates unequal shares of the two sides.
-    peft_model = get_peft_model(tiny_llama(), POETConfig(block=block, mode=mode))
+    config = POETConfig(block=block, mode=mode, memory_mode=memory_mode)
+    peft_model = get_peft_model(tiny_llama(), config)
     up_proj = peft_model.base_model.model.model.layers[0].mlp.up_proj  # in 64, out 96
     left, right = up_proj.poet_layouts["default"]
     x = torch.randn(tokens, 64, requires_grad=input_needs_grad)
     with monkeypatch.context() as patch:
         counted = {sides: counted_flops(up_proj, x, sides, training, patch) for sides in SIDES}
+    recompute = training and memory_mode == "recompute"
     assert counted == {
-        sides: rotation_flops(left, right, tokens, *sides, training, input_needs_grad) for sides in SIDES
+        sides: rotation_flops(left, right, tokens, *sides, training, input_needs_grad, recompute) for sides in SIDES
     }
 
 
@@ -173,35 +184,101 @@ def test_auto_path_weighs_flops_and_data_movement():
     assert layer.rotation_sides(["default"], 8192) == (True, True)
 
 
-def saved_bytes_and_grads(recompute: bool) -> tuple[int, list[torch.Tensor]]:
-    """Bytes autograd keeps for the backward of a weight-centric POET layer's forward, and the gradients it gives."""
-    torch.manual_seed(0)
-    config = POETConfig(block=16, forward_path="weight", recompute_weight=recompute, target_modules=["proj"])
-    model = get_peft_model(OneLinear(64), config)
-    randomize_skew(model, 0.1)
-    x = torch.randn(32, 64, requires_grad=True)
-    storages = {}
+def saved_activations(model, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd keeps for the backward of model(x), other than parameters, buffers and x."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
+    shapes = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if tensor.untyped_storage().data_ptr() not in own:
+            shapes.append(tuple(tensor.shape))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = model(x)
-    output.square().sum().backward()
-    weight = model.base_model.model.proj.get_base_layer().weight
-    kept = sum(nbytes for pointer, nbytes in storages.items() if pointer != weight.untyped_storage().data_ptr())
-    return kept, [x.grad, *(p.grad for p in model.parameters() if p.requires_grad)]
+        loss = model(x).sum()  # a sum saves nothing of its own
+    loss.backward()  # outside the hooks: what the backward rebuilds for itself is freed as it goes
+    return shapes
 
 
-def test_recompute_weight_keeps_less_for_the_backward_and_gives_the_same_gradients():
-    kept, grads = saved_bytes_and_grads(recompute=False)
-    kept_recomputing, grads_recomputing = saved_bytes_and_grads(recompute=True)
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_recomputing))
-    # Without recomputing, the bmm inputs of both sides (W0 gathered into block order, then R·W0 for P: 16 KiB each
-    # at 64×64 in fp32) wait for the backward.
-    assert kept - kept_recomputing >= 2 * 64 * 64 * 4
+@pytest.mark.parametrize("path", ["weight", "input", "auto"])
+@pytest.mark.parametrize("mode, block", [("bs", 16), ("bs", 24), ("fs", 0.5)])
+def test_a_training_step_saves_only_the_input_as_a_dense_linear_does(path, mode, block):
+    config = POETConfig(block=block, mode=mode, forward_path=path, target_modules=["proj"])
+    model = get_peft_model(OneLinear(64), config)
+    randomize_skew(model, 0.1)
+    x = torch.randn(32, 64, requires_grad=True)
+    assert saved_activations(model, x) == []
+    # 'store' keeps weight- or activation-sized rotated copies: what the default avoids.
+    model.base_model.model.proj.poet_config["default"].memory_mode = "store"
+    assert sum(math.prod(shape) for shape in saved_activations(model, x)) >= 32 * 64
 
+
+class BiasedLinear(torch.nn.Module):
+    """A 40→56 linear with a trained bias, or a transformers Conv1D (GPT-2's storage layout)."""
+
+    def __init__(self, conv1d: bool):
+        super().__init__()
+        self.proj = Conv1D(56, 40) if conv1d else torch.nn.Linear(40, 56)
+        torch.nn.init.normal_(self.proj.bias, std=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def step_gradients(model, x: torch.Tensor, autocast: bool = False, call=None) -> list[torch.Tensor]:
+    """The gradients of x and of every trainable parameter after one backward of a fixed loss on (call or model)(x)."""
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        output = (call or model)(x)
+    (output.float() * torch.linspace(-1, 1, output.shape[-1])).sin().sum().backward()
+    grads = [x.grad, *(p.grad for p in model.parameters() if p.requires_grad)]
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("path", ["weight", "input", "mixed", "mixed-other"])
+@pytest.mark.parametrize("mode, block", [("bs", 16), ("fs", 0.5)], ids=["bs-remainder", "fs"])
+def test_recomputed_gradients_equal_stored_ones_and_float64(mode, block, path, conv1d, monkeypatch):
+    # b=16 leaves remainder blocks on both sides (40 = 2·16 + 8, 56 = 3·16 + 8); the bias trains, so its gradient
+    # passes through R on the outputs too.
+    config = POETConfig(block=block, mode=mode, target_modules=["proj"])
+    model = get_peft_model(BiasedLinear(conv1d), config)
+    model.base_model.model.proj.get_base_layer().bias.requires_grad_(True)
+    randomize_skew(model, 0.1)
+    layer = model.base_model.model.proj
+    sides = {"weight": (True, True), "input": (False, False), "mixed": (True, False), "mixed-other": (False, True)}
+    monkeypatch.setattr(layer, "rotation_sides", lambda *args, **kwargs: sides[path])
+    x = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(2))
+    recomputed = step_gradients(model, x)
+    layer.poet_config["default"].memory_mode = "store"
+    stored = step_gradients(model, x)
+    reference = step_gradients(copy.deepcopy(model).double(), x.double())
+    assert len(recomputed) == 4  # x, bias, Q of R, Q of P
+    for new, old, exact in zip(recomputed, stored, reference):
+        scale = exact.abs().max()
+        assert (new.double() - exact).abs().max() < 1e-5 * scale
+        assert (new - old).abs().max() < 1e-5 * scale
+
+
+def test_recomputed_gradients_hold_for_two_adapters_and_bf16(tokens):
+    peft_model = get_peft_model(tiny_llama(), POETConfig(block=16), adapter_name="a")
+    peft_model.add_adapter("b", POETConfig(block=0.5, mode="fs", seed=1))
+    peft_model.base_model.set_adapter(["a", "b"])
+    randomize_skew(peft_model, std=0.05)
+    embeddings = peft_model.get_input_embeddings()(tokens).detach()
+    body = peft_model.base_model.model.model
+
+    def gradients(memory_mode: str, autocast: bool) -> list[torch.Tensor]:
+        for layer in poet_peft.poet_layers(peft_model):
+            layer.poet_config["a"].memory_mode = memory_mode
+        return step_gradients(body, embeddings, autocast, call=lambda x: body(inputs_embeds=x).last_hidden_state)
+
+    for autocast, tolerance in ((False, 1e-5), (True, 2e-2)):
+        recomputed, stored = gradients("recompute", autocast), gradients("store", autocast)
+        assert len(recomputed) == 1 + 4 * 14
+        for new, old in zip(recomputed, stored):
+            assert (new - old).abs().max() <= tolerance * old.abs().max()
 
 def test_bf16_weights_train_with_float32_rotations(tokens):
     model = tiny_llama()
@@ -267,7 +344,7 @@ def test_fully_stochastic_subsets_cover_every_coordinate_over_merges():
         ({"merge_every": 0}, r"merge_every=0 is invalid: use an integer ≥ 1.*None"),
         ({"init_weights": "kaiming"}, r"init_weights='kaiming'.*'normalized_gaussian', 'uniform_spectrum', 'xavier'"),
         ({"forward_path": "fast"}, r"forward_path='fast' is invalid; valid: 'auto', 'weight', 'input'"),
-        ({"forward_path": "input", "recompute_weight": True}, r"forward_path='input' never builds; valid: "),
+        ({"memory_mode": "save"}, r"memory_mode='save' is invalid; valid: 'recompute'.*'store'"),
     ],
 )
 def test_bad_config_values_raise_naming_the_field_value_and_valid_choices(kwargs, message):
@@ -362,3 +439,15 @@ def test_a_bad_target_found_late_leaves_the_model_untouched():
     assert not any(isinstance(module, poet_peft.POETLinear) for module in model.modules())
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_torch_compile_trains_with_the_recomputing_backward(tokens):
+    eager = get_peft_model(tiny_llama(), POETConfig(block=16))
+    randomize_skew(eager, std=0.05)
+    compiled = copy.deepcopy(eager)
+    eager(input_ids=tokens, labels=tokens).loss.backward()
+    torch.compile(compiled, backend="aot_eager")(input_ids=tokens, labels=tokens).loss.backward()
+    pairs = [(a.grad, b.grad) for a, b in zip(eager.parameters(), compiled.parameters()) if a.requires_grad]
+    assert len(pairs) == 28
+    for expected, actual in pairs:
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)

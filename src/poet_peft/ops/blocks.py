@@ -88,13 +88,15 @@ def rotation_flops(
     right_on_weight: bool,
     training: bool,
     input_needs_grad: bool,
+    recompute: bool = False,
 ) -> int:
     """Flops of one R·W0·P·x call on `tokens` vectors, matmul included: the forward, and the backward if training.
 
     R (layout `left`, on the outputs) and P (`right`, on the inputs) each rotate the weight or the activations.
     Rotating one vector costs 2·Σb² flops: a side on the weight rotates the weight's other dimension's worth of
-    vectors, a side on the activations rotates `tokens` of them. W0 is frozen. The Cayley–Neumann blocks cost the
-    same on every path and are left out.
+    vectors, a side on the activations rotates `tokens` of them. W0 is frozen. With `recompute` (the backward of
+    `recomputing_rotated_linear`) both rotations run again, and the matmul too where R acts on the outputs. The
+    Cayley–Neumann blocks cost the same on every path and are left out.
     """
     matmul = 2 * tokens * left.dim * right.dim
     left_rotation = 2 * left.rotated_squares * (right.dim if left_on_weight else tokens)
@@ -107,7 +109,10 @@ def rotation_flops(
     flops += matmul * (int(left_on_weight or right_on_weight) + int(not right_on_weight or input_needs_grad))
     # Each rotation: its blocks' gradient, plus the gradient through it where one is needed.
     through_left, through_right = _gradients_through(left_on_weight, right_on_weight, input_needs_grad)
-    return flops + left_rotation * (1 + through_left) + right_rotation * (1 + through_right)
+    flops += left_rotation * (1 + through_left) + right_rotation * (1 + through_right)
+    if recompute:
+        flops += left_rotation + right_rotation + matmul * (not left_on_weight)
+    return flops
 
 
 # On a CPU, moving one fp32 element through a permutation (the gather, and the copies einsum makes around its
@@ -126,23 +131,33 @@ def permuted_elements(
     right_on_weight: bool,
     training: bool,
     input_needs_grad: bool,
+    recompute: bool = False,
 ) -> int:
     """Elements the permutations move in one call: each side is gathered into block order and back, and in a
-    training backward its gradient once more, twice where a gradient passes through the rotation. A side on the
-    weight moves the weight's m·n elements per pass, a side on the activations tokens·dim."""
+    training backward its gradient once more, twice where a gradient passes through the rotation, and the forward's
+    two passes again with `recompute`. A side on the weight moves the weight's m·n elements per pass, a side on the
+    activations tokens·dim."""
     through = _gradients_through(left_on_weight, right_on_weight, input_needs_grad)
+    passes_again = 2 * (training and recompute)
     return sum(
-        (2 + training * (1 + passes_through)) * (left.dim * right.dim if on_weight else tokens * layout.dim)
+        (2 + passes_again + training * (1 + passes_through))
+        * (left.dim * right.dim if on_weight else tokens * layout.dim)
         for layout, on_weight, passes_through in zip((left, right), (left_on_weight, right_on_weight), through)
     )
 
 
 def placement_cost(
-    left: BlockLayout, right: BlockLayout, tokens: int, sides: tuple[bool, bool], training: bool, input_needs_grad: bool
+    left: BlockLayout,
+    right: BlockLayout,
+    tokens: int,
+    sides: tuple[bool, bool],
+    training: bool,
+    input_needs_grad: bool,
+    recompute: bool = False,
 ) -> int:
     """What forward_path="auto" minimises for R, P on (weight?, weight?) = `sides`: flops plus data movement."""
-    flops = rotation_flops(left, right, tokens, *sides, training, input_needs_grad)
-    moved = permuted_elements(left, right, tokens, *sides, training, input_needs_grad)
+    flops = rotation_flops(left, right, tokens, *sides, training, input_needs_grad, recompute)
+    moved = permuted_elements(left, right, tokens, *sides, training, input_needs_grad, recompute)
     return flops + PERMUTED_ELEMENT_FLOPS * moved
 
 

@@ -12,6 +12,7 @@ from peft.utils import PeftType
 from ...ops.initialization import INITIALIZATIONS
 
 MODES = ("bs", "fs")
+MEMORY_MODES = ("recompute", "store")
 FORWARD_PATHS = ("auto", "weight", "input")
 
 
@@ -44,11 +45,12 @@ class POETConfig(PeftConfig):
         default="auto",
         metadata={"help": "'weight' builds R·W0·P, 'input' rotates activations, 'auto' picks the cheaper per call."},
     )
-    recompute_weight: bool = field(
-        default=False,
+    memory_mode: Literal["recompute", "store"] = field(
+        default="recompute",
         metadata={
-            "help": "Weight-centric training: rebuild R·W0·P in the backward instead of keeping its intermediates "
-            "(two fewer weight-sized tensors per layer held until the backward, for 4·b·d² more flops)."
+            "help": "'recompute': a training step saves only the layer's input, as a dense linear does, and the "
+            "backward rebuilds the rotations (and the matmul's output where R acts on the activations); 'store' "
+            "keeps the rotated weight or activations for the backward instead."
         },
     )
     init_weights: Optional[Literal["normalized_gaussian", "uniform_spectrum", "xavier"]] = field(
@@ -124,10 +126,10 @@ class POETConfig(PeftConfig):
                 f"POETConfig.forward_path={self.forward_path!r} is invalid; valid: "
                 f"{', '.join(repr(name) for name in FORWARD_PATHS)}."
             )
-        if self.recompute_weight and self.forward_path == "input":
+        if self.memory_mode not in MEMORY_MODES:
             raise ValueError(
-                "POETConfig.recompute_weight=True rebuilds R·W0·P, which forward_path='input' never builds; valid: "
-                "forward_path='weight' or 'auto' (where it applies to the calls that take the weight-centric path)."
+                f"POETConfig.memory_mode={self.memory_mode!r} is invalid; valid: 'recompute' (save only the input, "
+                "rebuild the rest in the backward) or 'store' (keep the rotated tensors for the backward)."
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("POETConfig.layers_pattern only applies together with layers_to_transform.")

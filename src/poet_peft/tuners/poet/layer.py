@@ -7,7 +7,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.utils.checkpoint
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -24,6 +23,7 @@ from ...ops.blocks import (
 )
 from ...ops.initialization import initial_weight
 from ...ops.orthogonal import orthogonality_error
+from ...ops.rotated_linear import RotatedLinearPlan, recomputing_rotated_linear
 from ...ops.seeding import seeded_generator
 from ..linear import LinearWeightMixin
 from .config import POETConfig
@@ -196,48 +196,44 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         adapters = self._active_poet_adapters()
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
-        input_dtype, weight_dtype = x.dtype, self.logical_weight().dtype
-        rotations = [self.rotations(name) for name in adapters]
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.skew_parameters())
+        weight, bias = self.logical_weight(), self.get_base_layer().bias
+        packed = [store[name] for name in adapters for store in (self.poet_R, self.poet_P)]
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias, *packed) if t is not None)
+        recompute = training and self.poet_config[adapters[0]].memory_mode == "recompute"
+        tokens = x.numel() // x.shape[-1]
         left_on_weight, right_on_weight = self.rotation_sides(
-            adapters, x.numel() // x.shape[-1], training, input_needs_grad=x.requires_grad
+            adapters, tokens, training, input_needs_grad=x.requires_grad, recompute=recompute
         )
-        if not right_on_weight:  # input-centric part: x·(W0P₁P₂)ᵀ rotates x by P₂, then P₁
-            for _, right in reversed(rotations):
-                x = right.apply(x)
-        x = x.to(weight_dtype)
-        if left_on_weight or right_on_weight:  # weight-centric part: R₂R₁·W0·P₁P₂
-
-            def rotated(weight: torch.Tensor) -> torch.Tensor:
-                for left, right in rotations:
-                    weight = rotate_weight(weight, left if left_on_weight else None, right if right_on_weight else None)
-                return weight.to(weight_dtype)
-
-            if training and self.poet_config[adapters[0]].recompute_weight:
-                weight = torch.utils.checkpoint.checkpoint(
-                    rotated, self.logical_weight(), use_reentrant=False, preserve_rng_state=False
-                )
-            else:
-                weight = rotated(self.logical_weight())
-            result = self._base_forward_with(x, weight)
+        plan = RotatedLinearPlan(
+            layouts=tuple(self.poet_layouts[name] for name in adapters),
+            perms=tuple((self.poet_perm_out[name], self.poet_perm_in[name]) for name in adapters),
+            neumann_terms=tuple(self.poet_config[name].neumann_terms for name in adapters),
+            left_on_weight=left_on_weight,
+            right_on_weight=right_on_weight,
+            linear=self._base_forward_with,
+            compute_dtype=weight.dtype,
+        )
+        if recompute:
+            result = recomputing_rotated_linear(plan, x, weight, bias, packed)
         else:
-            result = self.base_layer(x)
-        if not left_on_weight:
-            bias = self.get_base_layer().bias
-            for left, _ in rotations:
-                # R·(z − b) + b written as z + (R − I)·(z − b): exact when R = I, so fresh adapters change nothing.
-                result = left.apply(result) if bias is None else result + left.apply_minus_identity(result - bias)
-        return result.to(input_dtype)
+            result = plan.forward(x, weight, bias, packed)
+        return result.to(x.dtype)
 
     def rotation_sides(
-        self, adapter_names: list[str], tokens: int, training: bool = False, input_needs_grad: bool = False
+        self,
+        adapter_names: list[str],
+        tokens: int,
+        training: bool = False,
+        input_needs_grad: bool = False,
+        recompute: bool = False,
     ) -> tuple[bool, bool]:
         """Whether R and whether P go on the weight (weight-centric) rather than on the activations (input-centric).
 
         With forward_path="auto" on the torch path the four combinations are costed (`placement_cost`: flops plus
         the permutations' data movement, summed over the adapters) and the cheapest wins, ties going to the weight.
         Training matters: a weight-centric side needs the weight gradient of the matmul, which the input-centric
-        path never computes for the frozen W0.
+        path never computes for the frozen W0; and with `recompute` (memory_mode="recompute") the backward runs the
+        forward's rotations again, and the matmul too where R acts on the outputs.
         """
         forced = self.poet_config[adapter_names[0]].forward_path
         if forced != "auto":
@@ -252,7 +248,7 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         return min(
             choices,
             key=lambda sides: sum(
-                placement_cost(left, right, tokens, sides, training, input_needs_grad) for left, right in layouts
+                placement_cost(left, right, tokens, sides, training, input_needs_grad, recompute) for left, right in layouts
             ),
         )
 
