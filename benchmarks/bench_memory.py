@@ -6,20 +6,25 @@ two moments, and the tensors autograd saves for the backward that are not parame
 (`torch.autograd.graph.saved_tensors_hooks`, each storage counted once). POET wraps every transformer-block linear
 with `init_weights="normalized_gaussian"`; embeddings, norms and lm_head train in place in every row (no copies).
 
-    python benchmarks/bench_memory.py --shapes 60m --batches 4x256 1x256
+    python benchmarks/bench_memory.py --shapes 60m --batches 4x256 1x256 --record benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from datetime import date
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import poet_peft
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reporting import publish  # noqa: E402
 
 SHAPES = {  # hidden, FFN, heads, layers (ANCHORS: the paper's architectures)
     "60m": (512, 1280, 8, 8),
@@ -98,10 +103,14 @@ def main() -> None:
         nargs="+",
         default=["dense", "poet b=256 recompute", "poet b=256 store", "poet b=64 recompute", "poet b=64 store"],
     )
+    parser.add_argument("--record", type=Path, help="append the result table to this Markdown file")
     args = parser.parse_args()
-    print(f"bench_memory, {date.today()}, {platform.machine()}, torch {torch.__version__}, fp32, vocab {args.vocab}\n")
-    print("| shape | batch | method | params+buffers MiB | grads MiB | AdamW MiB | saved MiB | total MiB | × dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines = [
+        f"bench_memory, {date.today()}, {platform.machine()}, torch {torch.__version__}, fp32, vocab {args.vocab}",
+        "",
+        "| shape | batch | method | params+buffers MiB | grads MiB | AdamW MiB | saved MiB | total MiB | × dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for shape in args.shapes:
         for batch_text in args.batches:
             batch, length = map(int, batch_text.split("x"))
@@ -111,7 +120,10 @@ def main() -> None:
                 total = sum(counts.values())
                 dense_total = dense_total or total
                 cells = " | ".join(f"{counts[key] / MIB:.0f}" for key in ("parameters", "gradients", "adamw", "saved"))
-                print(f"| {shape} | {batch_text} | {method} | {cells} | {total / MIB:.0f} | {total / dense_total:.2f} |")
+                lines.append(
+                    f"| {shape} | {batch_text} | {method} | {cells} | {total / MIB:.0f} | {total / dense_total:.2f} |"
+                )
+    publish("\n".join(lines), args.record)
 
 
 if __name__ == "__main__":

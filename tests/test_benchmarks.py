@@ -109,3 +109,15 @@ def test_bench_pretrain_sweeps_reseeds_the_top_two_and_plots(tmp_path):
     assert len([name for name in seeds if name not in ("method", "---")]) == 2
     assert all(row[0] == "0, 1" for name, row in seeds.items() if name not in ("method", "---"))
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_bench_memory_counts_what_a_step_keeps(tmp_path):
+    methods = ["--methods", "dense", "poet b=256 recompute", "poet b=256 store"]
+    text = run_benchmark(tmp_path, "bench_memory.py", "--batches", "1x64", *methods)
+    rows = {row[2]: row for row in ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines())
+            if len(row) == 9 and row[0] == "60m"}  # fmt: skip
+    dense, recompute, store = rows["dense"], rows["poet b=256 recompute"], rows["poet b=256 store"]
+    # LLaMA-60M with vocab 2048: 26.2M fp32 parameters (100 MiB), all trained by dense AdamW (two moments each).
+    assert dense[3] == dense[4] == "100" and dense[5] == "200"
+    assert recompute[6] == dense[6] and int(store[6]) > int(dense[6])  # saved tensors: dense's, or more
+    assert float(recompute[8]) < 1 < float(store[8])
