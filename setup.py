@@ -16,10 +16,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
-    # The CUDA sources are compiled at run time by CuPy; the GLUE metric is a local `evaluate` module.
-    package_data={"poet_peft": ["csrc/*.cu", "evaluate_modules/glue/*.py"]},
+    # The CUDA sources live in the top-level csrc/ and ship inside the package as poet_peft/csrc, where CuPy compiles
+    # them at run time; the GLUE metric is a local `evaluate` module.
+    package_dir={"": "src", "poet_peft.csrc": "csrc"},
+    packages=[*find_packages("src"), "poet_peft.csrc"],
+    package_data={"poet_peft": ["evaluate_modules/glue/*.py"], "poet_peft.csrc": ["*.cu"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0",

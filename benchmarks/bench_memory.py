@@ -1,73 +1,108 @@
 #!/usr/bin/env python
-"""Exact memory of one training step: dense AdamW against POET in each memory mode, at the paper's model shapes.
+"""Memory and time of one training step of run_clm.py's methods at the paper's model shapes.
 
-For each method it counts, in one process and without timing anything: parameters and buffers, gradients, AdamW's
-two moments, and the tensors autograd saves for the backward that are not parameter or buffer storage
-(`torch.autograd.graph.saved_tensors_hooks`, each storage counted once). POET wraps every transformer-block linear
-with `init_weights="normalized_gaussian"`; embeddings, norms and lm_head train in place in every row (no copies).
+Each row runs in a fresh process. It builds the model as `run_clm.py --method …` would (the same wrapping, optimizer
+groups and optimizer: POET trains embeddings, norms and lm_head in place, PEFT's LoRA keeps them as
+modules_to_save copies beside frozen originals), runs training steps on random tokens, and reports:
 
-    python benchmarks/bench_memory.py --shapes 60m --batches 4x256 1x256 --record benchmarks/RESULTS.md
+- exact accounting: parameters and buffers, gradients, the optimizer's state after a step (read from
+  `optimizer.state`: AdamW's moments, GaLore's projected moments and projectors), and the tensors autograd saves
+  for the backward that are not parameter or buffer storage (`torch.autograd.graph.saved_tensors_hooks`), each
+  storage counted once;
+- the process's peak resident set, and how far it grew from before the model was built (on a GPU: the peak of
+  `torch.cuda.max_memory_allocated`);
+- the median time of the steps after a warm-up step (time only on a quiet machine).
+
+Every finished row is appended to --results as a JSON line and a rerun skips the rows already there, so a long
+sweep resumes where it stopped. The table of all rows asked for is printed (and appended to --record).
+
+    python benchmarks/bench_memory.py --shapes 60m --batches 4x256 1x1024 --precisions fp32 bf16 \\
+        --record benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import platform
+import resource
+import statistics
+import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
-
-import poet_peft
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import run_clm  # noqa: E402
 from reporting import publish  # noqa: E402
 
-SHAPES = {  # hidden, FFN, heads, layers (ANCHORS: the paper's architectures)
-    "60m": (512, 1280, 8, 8),
-    "130m": (768, 2048, 12, 12),
-    "350m": (1024, 2816, 16, 24),
-}
+SHAPES = ("60m", "130m", "350m", "1b")  # the paper's architectures (ANCHORS), as run_clm builds them
+METHODS = [
+    "adamw",
+    "poet --block 256",
+    "poet --block 256 --memory_mode store",
+    "poet --block 64",
+    "poet --block 64 --memory_mode store",
+    "poet --mode fs --block 0.5",
+    "poet --block 256 --base_dtype bfloat16",
+    "lora --lora_r 64",
+    "galore",
+]
+KINDS = ("parameters", "gradients", "optimizer", "saved")
 MIB = 2**20
 
 
-def build(shape: str, vocab: int) -> LlamaForCausalLM:
-    """An untied fp32 LLaMA of the named shape."""
-    hidden, ffn, heads, layers = SHAPES[shape]
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        num_hidden_layers=layers,
-        tie_word_embeddings=False,
-    )
+class Vocabulary:
+    """What run_clm.build_model asks of a tokenizer: its size and special token ids."""
+
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def tensor_bytes(value, seen: dict[int, int]) -> None:
+    """Add the storages of every tensor inside value (nested containers and plain objects such as GaLore's
+    projectors) to seen, keyed by storage pointer."""
+    if isinstance(value, torch.Tensor):
+        seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    elif isinstance(value, dict):
+        for item in value.values():
+            tensor_bytes(item, seen)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            tensor_bytes(item, seen)
+    elif hasattr(value, "__dict__"):
+        tensor_bytes(vars(value), seen)
+
+
+def peak_resident_mib() -> float:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(row: dict) -> dict:
+    """One row, in this process: accounting of the first step, peak memory, and the median time of later steps."""
+    device = torch.device(row["device"])
+    batch, length = map(int, row["batch"].split("x"))
+    flags = row["method"].split()
+    args = run_clm.parse_args(["--method", flags[0], *flags[1:], "--model_size", row["shape"], "--block_size", str(length)])
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
-
-
-def wrap(model: LlamaForCausalLM, method: str) -> torch.nn.Module:
-    """The model as `method` trains it: 'dense', or 'poet b=<block> <memory_mode>'."""
-    if method == "dense":
-        return model
-    _, block, memory_mode = method.split()
-    config = poet_peft.POETConfig(
-        block=int(block.removeprefix("b=")), init_weights="normalized_gaussian", memory_mode=memory_mode
-    )
-    model = get_peft_model(model, config)
-    for name, param in model.named_parameters():  # embeddings, norms and lm_head train in place
-        if "poet_" not in name and "_proj" not in name:
-            param.requires_grad_(True)
-    return model
-
-
-def step_bytes(model: torch.nn.Module, batch: int, length: int, vocab: int) -> dict[str, int]:
-    """Bytes of one AdamW step, by kind."""
-    tokens = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    before = peak_resident_mib()
+    method = run_clm.METHODS[args.method]
+    model = method.wrap(run_clm.build_model(args, Vocabulary(row["vocab"])), args).to(device)
+    optimizer = method.optimizer(method.param_groups(model, args))
+    tokens = torch.randint(0, row["vocab"], (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=row["precision"] == "bf16")
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
 
@@ -77,53 +112,117 @@ def step_bytes(model: torch.nn.Module, batch: int, length: int, vocab: int) -> d
             saved[pointer] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(input_ids=tokens, labels=tokens).loss
-    loss.backward()
-    trained = [p for p in model.parameters() if p.requires_grad]
-    storage = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
-    storage.update({b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in model.buffers()})
-    gradients = sum(p.grad.numel() * p.grad.element_size() for p in trained)
+    counts, times = {}, []
+    for step in range(1 + row["steps"]):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else contextlib.nullcontext()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with hooks, autocast:
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        if step == 0:
+            gradients: dict[int, int] = {}
+            tensor_bytes([p.grad for p in model.parameters() if p.grad is not None], gradients)
+            counts["gradients"] = sum(gradients.values())
+        optimizer.step()
+        optimizer.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    storage: dict[int, int] = {}
+    tensor_bytes([*model.parameters(), *model.buffers()], storage)
+    state: dict[int, int] = {}
+    tensor_bytes(list(optimizer.state.values()), state)
+    counts.update(parameters=sum(storage.values()), optimizer=sum(state.values()), saved=sum(saved.values()))
+    peak = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else peak_resident_mib()
     return {
-        "parameters": sum(storage.values()),
-        "gradients": gradients,
-        "adamw": 2 * gradients,  # exp_avg and exp_avg_sq, each the size of its parameter (fp32 here)
-        "saved": sum(saved.values()),
+        **row,
+        **counts,
+        "peak_mib": peak,
+        "growth_mib": peak - (0 if device.type == "cuda" else before),
+        "step_s": statistics.median(times[1:]) if len(times) > 1 else None,
+        "torch": torch.__version__,
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
     }
 
 
-def main() -> None:
-    """Print the accounting table for every shape, batch and method."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["60m"], choices=sorted(SHAPES))
-    parser.add_argument("--batches", nargs="+", default=["4x256", "1x256"], help="batch×sequence length")
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=["dense", "poet b=256 recompute", "poet b=256 store", "poet b=64 recompute", "poet b=64 store"],
-    )
-    parser.add_argument("--record", type=Path, help="append the result table to this Markdown file")
-    args = parser.parse_args()
+def row_key(row: dict) -> tuple:
+    """What identifies a row in the results file."""
+    return tuple(row[key] for key in ("shape", "batch", "precision", "method", "vocab", "device", "steps"))
+
+
+def run_in_fresh_process(row: dict) -> dict:
+    """`measure(row)` in a new Python process, so that its peak resident set is this row's alone."""
+    command = [sys.executable, __file__, "--row", json.dumps(row)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"row {row} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The Markdown table of the rows, each total also as a ratio to AdamW's at the same shape, batch and precision."""
+    adamw = {
+        (row["shape"], row["batch"], row["precision"]): sum(row[k] for k in KINDS)
+        for row in rows
+        if row["method"] == "adamw"
+    }
     lines = [
-        f"bench_memory, {date.today()}, {platform.machine()}, torch {torch.__version__}, fp32, vocab {args.vocab}",
-        "",
-        "| shape | batch | method | params+buffers MiB | grads MiB | AdamW MiB | saved MiB | total MiB | × dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | batch | precision | method | params+buffers MiB | grads MiB | optimizer MiB | saved MiB | total MiB "
+        "| × AdamW | peak RSS MiB (growth) | step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for shape in args.shapes:
-        for batch_text in args.batches:
-            batch, length = map(int, batch_text.split("x"))
-            dense_total = None
-            for method in args.methods:
-                counts = step_bytes(wrap(build(shape, args.vocab), method), batch, length, args.vocab)
-                total = sum(counts.values())
-                dense_total = dense_total or total
-                cells = " | ".join(f"{counts[key] / MIB:.0f}" for key in ("parameters", "gradients", "adamw", "saved"))
-                lines.append(
-                    f"| {shape} | {batch_text} | {method} | {cells} | {total / MIB:.0f} | {total / dense_total:.2f} |"
-                )
-    publish("\n".join(lines), args.record)
+    for row in rows:
+        total = sum(row[k] for k in KINDS)
+        reference = adamw.get((row["shape"], row["batch"], row["precision"]))
+        ratio = f"{total / reference:.2f}" if reference else "–"
+        cells = " | ".join(f"{row[kind] / MIB:.0f}" for kind in KINDS)
+        step = f"{row['step_s']:.2f}" if row["step_s"] is not None else "–"
+        lines.append(
+            f"| {row['shape']} | {row['batch']} | {row['precision']} | `{row['method']}` | {cells} | {total / MIB:.0f} "
+            f"| {ratio} | {row['peak_mib']:.0f} ({row['growth_mib']:.0f}) | {step} |"
+        )
+    return lines
+
+
+def main() -> None:
+    """Measure every row asked for that --results does not hold yet, then print the table of all of them."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["60m"], choices=SHAPES)
+    parser.add_argument("--batches", nargs="+", default=["4x256", "1x1024"], help="batch×sequence length")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"], help="bf16: autocast")
+    parser.add_argument("--methods", nargs="+", default=METHODS, help="run_clm.py --method and its flags, quoted")
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step (0: no timing)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("memory_runs.jsonl"))
+    parser.add_argument("--record", type=Path, help="append the result table to this Markdown file")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
+    args = parser.parse_args()
+    if args.row:
+        print(json.dumps(measure(json.loads(args.row))))
+        return
+    wanted = [
+        {"shape": s, "batch": b, "precision": p, "method": m, "vocab": args.vocab, "device": args.device, "steps": n}
+        for s in args.shapes
+        for b in args.batches
+        for p in args.precisions
+        for m in args.methods
+        for n in [args.steps]
+    ]
+    done = {}
+    if args.results.exists():
+        done = {row_key(row): row for row in map(json.loads, args.results.read_text().splitlines()) if row}
+    for row in tqdm([row for row in wanted if row_key(row) not in done], desc="bench_memory rows"):
+        measured = run_in_fresh_process(row)
+        done[row_key(row)] = measured
+        with args.results.open("a") as results:
+            results.write(json.dumps(measured) + "\n")
+    rows = [done[row_key(row)] for row in wanted]
+    machine = rows[0]["machine"] if rows else platform.machine()
+    header = f"bench_memory, {date.today()}, {machine}, torch {torch.__version__}, vocab {args.vocab}"
+    publish("\n".join([header, "", *table(rows)]), args.record)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def run(orthogonalize: bool, data: torch.Tensor, held_out: torch.Tensor, clm_arg
         merge_every=args.merge_every,
         merge_orthogonalize=orthogonalize,
         init_weights="normalized_gaussian",
-        modules_to_save=run_clm.TRAINED_IN_FULL,
+        train_in_place=run_clm.TRAINED_IN_FULL,
         seed=args.seed,
     )
     model = get_peft_model(run_clm.build_model(clm_args, tokenizer), config)

@@ -137,6 +137,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     method.add_argument("--merge_every", type=int, default=200, help="POET merge-then-reinitialize period T_m")
     method.add_argument("--poet_lr", type=float, help="lr of POET's Q (default: the paper's 1e-3·256/b, 1e-3·(1/2)/f)")
     method.add_argument(
+        "--memory_mode",
+        choices=["recompute", "store"],
+        default="recompute",
+        help="POET: save only each layer's input and recompute the rotations in the backward, or store them",
+    )
+    method.add_argument(
+        "--base_dtype", choices=["float32", "bfloat16", "float16"], help="POET: store W0 in this dtype (default: fp32)"
+    )
+    method.add_argument(
         "--ora_init", choices=["orthogonal", "gaussian"], default="orthogonal", help="ORA's Q/K draw (A1: gaussian)"
     )
     method.add_argument("--ora_trainable_qk", action="store_true", help="train ORA's Q/K from the draw (A2)")
@@ -480,8 +489,10 @@ def wrap_poet(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Modu
         mode=args.mode,
         neumann_terms=args.neumann_terms,
         merge_every=args.merge_every,
+        memory_mode=args.memory_mode,
+        base_dtype=args.base_dtype,
         init_weights="normalized_gaussian",
-        modules_to_save=TRAINED_IN_FULL,
+        train_in_place=TRAINED_IN_FULL,
         seed=args.seed,
     )
     return get_peft_model(model, config)
@@ -501,7 +512,7 @@ def wrap_spectral_lora(model: torch.nn.Module, args: argparse.Namespace) -> torc
         magnitude=args.lora_magnitude,
         sigma_max=args.lora_sigma_max,
         backbone=args.lora_backbone,
-        modules_to_save=TRAINED_IN_FULL,
+        train_in_place=TRAINED_IN_FULL,
         seed=args.seed,
     )
     return get_peft_model(model, config)

@@ -111,13 +111,18 @@ def test_bench_pretrain_sweeps_reseeds_the_top_two_and_plots(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 10_000
 
 
-def test_bench_memory_counts_what_a_step_keeps(tmp_path):
-    methods = ["--methods", "dense", "poet b=256 recompute", "poet b=256 store"]
-    text = run_benchmark(tmp_path, "bench_memory.py", "--batches", "1x64", *methods)
-    rows = {row[2]: row for row in ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines())
-            if len(row) == 9 and row[0] == "60m"}  # fmt: skip
-    dense, recompute, store = rows["dense"], rows["poet b=256 recompute"], rows["poet b=256 store"]
-    # LLaMA-60M with vocab 2048: 26.2M fp32 parameters (100 MiB), all trained by dense AdamW (two moments each).
-    assert dense[3] == dense[4] == "100" and dense[5] == "200"
-    assert recompute[6] == dense[6] and int(store[6]) > int(dense[6])  # saved tensors: dense's, or more
-    assert float(recompute[8]) < 1 < float(store[8])
+def test_bench_memory_counts_what_a_step_keeps_and_resumes(tmp_path):
+    methods = ["--methods", "adamw", "poet --block 256", "poet --block 256 --memory_mode store"]
+    flags = ["--batches", "1x64", "--steps", "0", "--results", str(tmp_path / "runs.jsonl"), *methods]
+    text = run_benchmark(tmp_path, "bench_memory.py", *flags)
+    rows = {row[3].strip("`"): row for row in ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines())
+            if len(row) == 12 and row[0] == "60m"}  # fmt: skip
+    adamw, recompute, store = rows["adamw"], rows["poet --block 256"], rows["poet --block 256 --memory_mode store"]
+    # LLaMA-60M with vocab 2048: 26.2M fp32 parameters (100 MiB), all trained by AdamW (two moments each).
+    assert adamw[4] == adamw[5] == "100" and adamw[6] == "200"
+    assert recompute[7] == adamw[7] and int(store[7]) > int(adamw[7])  # saved tensors: AdamW's, or more
+    assert float(recompute[9]) < 1 < float(store[9])
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
+    # A rerun prints the table again from the saved rows and measures nothing.
+    assert run_benchmark(tmp_path, "bench_memory.py", *flags).count("| 60m |") == 6
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3

@@ -236,14 +236,17 @@ def step_gradients(model, x: torch.Tensor, autocast: bool = False, call=None) ->
     return grads
 
 
+@pytest.mark.parametrize("base_dtype", [None, "bfloat16"], ids=["w0-fp32", "w0-bf16"])
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("path", ["weight", "input", "mixed", "mixed-other"])
 @pytest.mark.parametrize("mode, block", [("bs", 16), ("fs", 0.5)], ids=["bs-remainder", "fs"])
-def test_recomputed_gradients_equal_stored_ones_and_float64(mode, block, path, conv1d, monkeypatch):
+def test_recomputed_gradients_equal_stored_ones_and_float64(mode, block, path, conv1d, base_dtype, monkeypatch):
     # b=16 leaves remainder blocks on both sides (40 = 2·16 + 8, 56 = 3·16 + 8); the bias trains, so its gradient
-    # passes through R on the outputs too.
-    config = POETConfig(block=block, mode=mode, target_modules=["proj"])
+    # passes through R on the outputs too. A bf16 W0 in this float32 model is computed with in float32, so its
+    # gradients equal the float64 reference of the same (bf16-valued) W0 as closely as a float32 W0's do.
+    config = POETConfig(block=block, mode=mode, target_modules=["proj"], base_dtype=base_dtype)
     model = get_peft_model(BiasedLinear(conv1d), config)
+    assert model.base_model.model.proj.get_base_layer().weight.dtype == getattr(torch, base_dtype or "float32")
     model.base_model.model.proj.get_base_layer().bias.requires_grad_(True)
     randomize_skew(model, 0.1)
     layer = model.base_model.model.proj
@@ -279,6 +282,7 @@ def test_recomputed_gradients_hold_for_two_adapters_and_bf16(tokens):
         assert len(recomputed) == 1 + 4 * 14
         for new, old in zip(recomputed, stored):
             assert (new - old).abs().max() <= tolerance * old.abs().max()
+
 
 def test_bf16_weights_train_with_float32_rotations(tokens):
     model = tiny_llama()

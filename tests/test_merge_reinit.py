@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import VOCAB, randomize_skew, run_fresh_python, tiny_llama
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import poet_peft
@@ -195,6 +195,52 @@ def test_orthogonalized_merges_keep_the_spectrum_through_500_merges_of_training(
     assert max(singular_value_drift(s0, s, floor=0.01) for s0, s in zip(initial, final)) < 1e-4
     # Folding the Neumann R as trained moves the spectrum by orders of magnitude more, in a fifth of the merges.
     assert max(singular_value_drift(s0, s, floor=0.01) for s0, s in zip(initial, drifted)) > 1e-2
+
+
+def bf16_merges(keep_spectrum: bool, merges: int = 200) -> tuple[float, float]:
+    """Drift of a bf16 W0's spectrum (vs σ_max, vs each σᵢ ≥ 1% σ_max) after `merges` random merges.
+
+    Without `keep_spectrum` each fold is rounded to bf16 as it is, which is what merging did before base_dtype.
+    """
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(128, 96, bias=False)),
+        POETConfig(block=32, target_modules=["0"], init_weights="normalized_gaussian", base_dtype="bfloat16"),
+    )
+    layer = next(poet_peft.poet_layers(model))
+    initial = torch.linalg.svdvals(layer.logical_weight().double())
+    for merge in range(merges):
+        randomize_skew(model, std=0.02, seed=merge)
+        if keep_spectrum:
+            poet_peft.merge_and_reinit(model)
+        else:
+            layer.logical_weight().data.copy_(layer.rotated_weight(["default"], orthogonalize=True))
+    final = torch.linalg.svdvals(layer.logical_weight().double())
+    return singular_value_drift(initial, final, floor=1), singular_value_drift(initial, final, floor=0.01)
+
+
+def test_a_bf16_base_keeps_its_spectrum_through_200_merges():
+    kept, rounded = bf16_merges(keep_spectrum=True), bf16_merges(keep_spectrum=False)
+    # One bf16 rounding's worth (2⁻⁹ relative per element), however many merges; rounding every fold adds up.
+    assert kept[0] < 3e-4 and kept[1] < 2e-3
+    assert rounded[0] > 4 * kept[0] and rounded[1] > 4 * kept[1]
+
+
+def test_base_dtype_stores_w0_in_bf16_and_resumes_the_kept_spectrum(tmp_path):
+    config = POETConfig(block=16, merge_every=1, init_weights="normalized_gaussian", base_dtype="bfloat16")
+    model = get_peft_model(tiny_llama(), config)
+    layer = next(poet_peft.poet_layers(model))
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    assert all(q.dtype == torch.float32 for q in poet_peft.poet_parameters(model))
+    assert not layer.poet_base_spectrum.any()  # measured at the first merge, from the W0 before it
+    before = torch.linalg.svdvals(layer.logical_weight().float())
+    randomize_skew(model, std=0.05)
+    poet_peft.merge_and_reinit(model)
+    assert torch.equal(layer.poet_base_spectrum, before)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=3), tmp_path, is_trainable=True)
+    twin = next(poet_peft.poet_layers(reloaded))
+    assert twin.get_base_layer().weight.dtype == torch.bfloat16
+    assert torch.equal(twin.poet_base_spectrum, before) and torch.equal(twin.logical_weight(), layer.logical_weight())
 
 
 def test_merge_is_skipped_while_adapters_are_disabled():

@@ -158,16 +158,22 @@ print(torch.equal(outputs(model, tokens), torch.load("expected.pt", weights_only
 """
 
 
-PRETRAINING = dict(
-    init_weights="normalized_gaussian",
-    modules_to_save=["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"],
-)
+TRAINED_IN_FULL = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"]
+PRETRAINING = dict(init_weights="normalized_gaussian", modules_to_save=TRAINED_IN_FULL)
+PRETRAINING_IN_PLACE = dict(init_weights="normalized_gaussian", train_in_place=TRAINED_IN_FULL)
+EXTRA = {POETConfig: dict(block=16), poet_peft.SpectralLoRAConfig: dict(r=4)}
 
 
 @pytest.mark.parametrize(
     "architecture, merges, extra, base_seed",
-    [("llama", 0, {}, 0), ("llama", 3, {}, 0), ("gpt2", 3, {}, 0), ("llama", 3, PRETRAINING, 5)],
-    ids=["finetune-no-merge", "finetune-merged", "conv1d-merged", "pretrain-other-base"],
+    [
+        ("llama", 0, {}, 0),
+        ("llama", 3, {}, 0),
+        ("gpt2", 3, {}, 0),
+        ("llama", 3, PRETRAINING, 5),
+        ("llama", 3, PRETRAINING_IN_PLACE, 5),
+    ],
+    ids=["finetune-no-merge", "finetune-merged", "conv1d-merged", "pretrain-other-base", "pretrain-in-place"],
 )
 def test_save_and_load_in_a_fresh_process_reproduce_outputs_exactly(
     architecture, merges, extra, base_seed, tokens, tmp_path, request
@@ -183,7 +189,15 @@ def test_save_and_load_in_a_fresh_process_reproduce_outputs_exactly(
 
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     poet_keys = [key for key in saved if "poet_" in key or key.endswith("base_layer.weight")]
-    suffixes = ("poet_R", "poet_P", "poet_perm_out", "poet_perm_in", "poet_merge_count", "poet_base_rewritten")
+    suffixes = (
+        "poet_R",
+        "poet_P",
+        "poet_perm_out",
+        "poet_perm_in",
+        "poet_merge_count",
+        "poet_base_rewritten",
+        "poet_base_spectrum",
+    )
     assert all(key.endswith((*suffixes, "base_layer.weight")) for key in poet_keys)
     # W0 travels in the adapter file once merges or a fresh init have rewritten it, and only then.
     rewritten = bool(merges or extra)
@@ -199,6 +213,39 @@ def test_save_and_load_in_a_fresh_process_reproduce_outputs_exactly(
         architecture=architecture, base_seed=base_seed
     )
     assert run_fresh_python(code, cwd=tmp_path).strip() == "True"
+
+
+@pytest.mark.parametrize("config_cls", [POETConfig, poet_peft.SpectralLoRAConfig])
+def test_train_in_place_trains_the_named_modules_without_a_copy_and_saves_them(config_cls, tokens, tmp_path):
+    model = get_peft_model(tiny_model("llama"), config_cls(train_in_place=TRAINED_IN_FULL, **EXTRA[config_cls]))
+    names = [name for name, _ in model.named_parameters()]
+    assert not [name for name in names if "modules_to_save" in name or "original_module" in name]
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.requires_grad and model.base_model.model.model.norm.weight.requires_grad
+    assert not any(p.requires_grad for name, p in model.named_parameters() if "base_layer" in name)
+    with torch.no_grad():
+        embeddings.add_(0.5)  # what training in place does: the model's own tensor changes
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.model.embed_tokens.weight"], embeddings.detach())
+
+    frozen = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
+    assert torch.equal(frozen.get_input_embeddings().weight, embeddings.detach())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter", is_trainable=True)
+    assert trainable.get_input_embeddings().weight.requires_grad
+    assert torch.equal(outputs(trainable, tokens), outputs(model, tokens))
+
+
+def test_train_in_place_refuses_unknown_names_overlaps_and_targets():
+    with pytest.raises(ValueError, match="names 'embeddings', but no module of the model is called that"):
+        get_peft_model(tiny_model("llama"), POETConfig(block=16, train_in_place=["embeddings"]))
+    with pytest.raises(ValueError, match="both train_in_place and modules_to_save"):
+        get_peft_model(
+            tiny_model("llama"), POETConfig(block=16, train_in_place=["lm_head"], modules_to_save=["lm_head"])
+        )
+    with pytest.raises(ValueError, match="holds layers the adapter wraps"):
+        get_peft_model(tiny_model("llama"), POETConfig(block=16, train_in_place=["self_attn"]))
 
 
 def test_saving_while_merged_stores_w0(tokens, tmp_path):

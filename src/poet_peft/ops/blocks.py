@@ -293,6 +293,21 @@ class BlockRotation:
         return BlockRotation(self.layout, self.perm, [nearest_orthogonal(b) for b in self.blocks])
 
 
+def rotation_pair(
+    layouts: tuple[BlockLayout, BlockLayout],
+    perms: tuple[torch.Tensor, torch.Tensor],
+    packed: tuple[torch.Tensor, torch.Tensor],
+    neumann_terms: int | None,
+    dtype: torch.dtype | None = None,
+) -> tuple[BlockRotation, BlockRotation]:
+    """(R, P) of one POET adapter from the layouts, permutations and packed skew parameters of its two sides."""
+    left, right = (
+        BlockRotation.from_packed(layout, perm, q, neumann_terms, dtype)
+        for layout, perm, q in zip(layouts, perms, packed)
+    )
+    return left, right
+
+
 def rotate_weight(
     weight: torch.Tensor, left: Optional[BlockRotation] = None, right: Optional[BlockRotation] = None
 ) -> torch.Tensor:

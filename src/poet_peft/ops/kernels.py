@@ -40,8 +40,8 @@ KERNEL_NAMES = tuple(
 
 
 def kernel_source() -> str:
-    """The CUDA source of all kernels, as shipped inside the package."""
-    return importlib.resources.files("poet_peft").joinpath("csrc", "poet_ops.cu").read_text(encoding="utf-8")
+    """The CUDA source of all kernels (the repository's csrc/, shipped inside the package as poet_peft.csrc)."""
+    return importlib.resources.files("poet_peft.csrc").joinpath("poet_ops.cu").read_text(encoding="utf-8")
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from .blocks import BlockLayout, BlockRotation, rotate_weight
+from .blocks import BlockLayout, BlockRotation, rotate_weight, rotation_pair
 
 Linear = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -42,10 +42,7 @@ class RotatedLinearPlan:
     def rotations(self, packed: Sequence[torch.Tensor]) -> list[tuple[BlockRotation, BlockRotation]]:
         """(R, P) of each adapter from its packed skew parameters, given as R₁, P₁, R₂, P₂, …"""
         return [
-            tuple(
-                BlockRotation.from_packed(layout, perm, q, terms)
-                for layout, perm, q in zip(layouts, perms, packed[2 * i : 2 * i + 2])
-            )
+            rotation_pair(layouts, perms, tuple(packed[2 * i : 2 * i + 2]), terms)
             for i, (layouts, perms, terms) in enumerate(zip(self.layouts, self.perms, self.neumann_terms))
         ]
 
@@ -98,6 +95,17 @@ def _leaf(tensor: Optional[torch.Tensor], needs_grad: bool) -> Optional[torch.Te
     return None if tensor is None else tensor.detach().requires_grad_(needs_grad)
 
 
+def _grad(leaf: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if leaf is None else leaf.grad
+
+
+def _detached(rotation: BlockRotation) -> BlockRotation:
+    # The same rotation on detached copies of its blocks: each stage of the backward then ends at these leaves.
+    return BlockRotation(
+        rotation.layout, rotation.perm, [_leaf(block, block.requires_grad) for block in rotation.blocks]
+    )
+
+
 def _backward_into_leaves(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     pairs = [(out, grad.to(out.dtype)) for out, grad in zip(outputs, grads) if out.requires_grad]
     if pairs:
@@ -122,13 +130,10 @@ class _RecomputingRotatedLinear(torch.autograd.Function):
             # The rotation blocks are rebuilt once and detached, so that the three stages below each free their
             # graph as they go; their gradients are sent back through Cayley–Neumann at the end.
             packed = [_leaf(q, need) for q, need in zip(packed, needs[4:])]
-            rotations = plan.rotations(packed)
-            blocks = [block for pair in rotations for rotation in pair for block in rotation.blocks]
-            block_leaves = [_leaf(block, block.requires_grad) for block in blocks]
-            leaves = iter(block_leaves)
-            for pair in rotations:
-                for rotation in pair:
-                    rotation.blocks = [next(leaves) for _ in rotation.blocks]
+            built = plan.rotations(packed)
+            blocks = [block for pair in built for rotation in pair for block in rotation.blocks]
+            rotations = [tuple(_detached(rotation) for rotation in pair) for pair in built]
+            block_leaves = [block for pair in rotations for rotation in pair for block in rotation.blocks]
             x, weight, bias = _leaf(x, needs[1]), _leaf(weight, needs[2]), _leaf(bias, needs[3])
             rotated_x, rotated_weight = plan.rotate_input(x, rotations), plan.rotate_weight(weight, rotations)
             grad_matmul = grad_output
@@ -150,8 +155,7 @@ class _RecomputingRotatedLinear(torch.autograd.Function):
             _backward_into_leaves([rotated_x, rotated_weight], [grad_rotated_x, grad_rotated_weight])
             block_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in block_leaves]
             _backward_into_leaves(blocks, block_grads)
-        grad = lambda leaf: None if leaf is None else leaf.grad  # noqa: E731
-        return None, grad(x), grad(weight), grad(bias), *(grad(q) for q in packed)
+        return None, _grad(x), _grad(weight), _grad(bias), *(_grad(q) for q in packed)
 
 
 def recomputing_rotated_linear(

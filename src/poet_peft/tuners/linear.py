@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import _get_submodules
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
@@ -82,6 +82,24 @@ class LinearTuner(BaseTuner):
             _remove_adapter_layers(model, adapter_name, self.tuner_layer_cls)
             raise
         self.initialize_injected(model, adapter_name)
+        in_place_modules(model, self.peft_config[adapter_name])  # refuse bad names now
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for adapter in self.active_adapters:
+            config = self.peft_config.get(adapter)
+            if config is not None and not config.inference_mode:
+                for module in in_place_modules(model, config).values():
+                    module.requires_grad_(True)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Modules trained in place have no copy of their own: the adapter file carries their trained weights.
+        for name, module in in_place_modules(model, config).items():
+            for key, _ in module.named_parameters(prefix=name.replace("_fsdp_wrapped_module.", "")):
+                to_return[key] = state_dict[key]
+        return to_return
 
     def initialize_injected(self, model: nn.Module, adapter_name: str) -> None:
         """What a tuner does to the wrapped layers once all are wrapped (weights it redraws, say); nothing here."""
@@ -105,6 +123,39 @@ class LinearTuner(BaseTuner):
                 f"torch.nn.Linear and transformers Conv1D layers only. This model's are named: "
                 f"{linear_layer_names(self.model)}."
             )
+
+
+def in_place_modules(model: nn.Module, config) -> dict[str, nn.Module]:
+    """The modules `config.train_in_place` names (suffix match, like modules_to_save), checked to be trainable as is."""
+    names = getattr(config, "train_in_place", None) or []
+    owner = type(config).__name__
+    overlap = sorted(set(names) & set(getattr(config, "modules_to_save", None) or []))
+    if overlap:
+        raise ValueError(
+            f"{owner} names {', '.join(overlap)} in both train_in_place and modules_to_save; a module either trains "
+            "in place (no copy) or as a saved copy beside the frozen original: keep it in one of them."
+        )
+    found: dict[str, nn.Module] = {}
+    for wanted in names:
+        matches = {
+            name: module
+            for name, module in model.named_modules()
+            if (name == wanted or name.endswith("." + wanted)) and not isinstance(module, BaseTunerLayer)
+        }
+        if not matches:
+            raise ValueError(
+                f"{owner}.train_in_place names {wanted!r}, but no module of the model is called that (names match "
+                f"a module's full name or its last parts, e.g. 'embed_tokens' or 'model.norm')."
+            )
+        for name, module in matches.items():
+            if any(isinstance(inner, BaseTunerLayer) for inner in module.modules()):
+                raise ValueError(
+                    f"{owner}.train_in_place names {wanted!r}, and {name} holds layers the adapter wraps; training "
+                    "it in place would train their frozen base weights too. Name modules outside the targets "
+                    "(embeddings, norms, heads)."
+                )
+        found.update(matches)
+    return found
 
 
 def _remove_adapter_layers(model: nn.Module, adapter_name: str, layer_cls: type) -> None:

@@ -13,6 +13,7 @@ from ...ops.initialization import INITIALIZATIONS
 
 MODES = ("bs", "fs")
 MEMORY_MODES = ("recompute", "store")
+BASE_DTYPES = ("float32", "bfloat16", "float16")
 FORWARD_PATHS = ("auto", "weight", "input")
 
 
@@ -53,6 +54,14 @@ class POETConfig(PeftConfig):
             "keeps the rotated weight or activations for the backward instead."
         },
     )
+    base_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(
+        default=None,
+        metadata={
+            "help": "Store the wrapped layers' W0 in this dtype ('bfloat16' halves POET's largest tensor); None keeps "
+            "the base model's. Rotations and merges stay in float32/float64, and with a 16-bit W0 each merge keeps "
+            "W0's singular values at their values before the first merge, so rounding cannot accumulate."
+        },
+    )
     init_weights: Optional[Literal["normalized_gaussian", "uniform_spectrum", "xavier"]] = field(
         default=None,
         metadata={"help": "Redraw W0 for pretraining from scratch; None keeps the base model's weights."},
@@ -73,6 +82,13 @@ class POETConfig(PeftConfig):
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Other modules to train fully and store in the adapter file."}
+    )
+    train_in_place: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Other modules to train in full in place, with no frozen copy beside them (unlike "
+            "modules_to_save), and store in the adapter file, e.g. embeddings, norms and lm_head when pretraining."
+        },
     )
 
     def __post_init__(self):
@@ -130,6 +146,11 @@ class POETConfig(PeftConfig):
             raise ValueError(
                 f"POETConfig.memory_mode={self.memory_mode!r} is invalid; valid: 'recompute' (save only the input, "
                 "rebuild the rest in the backward) or 'store' (keep the rotated tensors for the backward)."
+            )
+        if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
+            raise ValueError(
+                f"POETConfig.base_dtype={self.base_dtype!r} is invalid; valid: None (keep the base model's dtype), "
+                f"{', '.join(repr(name) for name in BASE_DTYPES)}."
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("POETConfig.layers_pattern only applies together with layers_to_transform.")

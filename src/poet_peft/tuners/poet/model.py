@@ -48,10 +48,13 @@ class POETModel(LinearTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     def initialize_injected(self, model: nn.Module, adapter_name: str) -> None:
-        """Redraw W0 where init_weights says so, once every target has been wrapped."""
+        """Redraw W0 where init_weights says so and store it in base_dtype, once every target has been wrapped."""
+        base_dtype = self.peft_config[adapter_name].base_dtype
         for layer in poet_layers(model):
             if adapter_name in layer.poet_config:
                 layer.initialize_base_weight(adapter_name)
+                if base_dtype is not None:
+                    layer.cast_base_weight(getattr(torch, base_dtype))
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

@@ -56,6 +56,13 @@ class SpectralLoRAConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. embeddings)."}
     )
+    train_in_place: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Other modules to train in full in place, with no frozen copy beside them (unlike "
+            "modules_to_save), and store in the adapter file, e.g. embeddings, norms and lm_head when pretraining."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
