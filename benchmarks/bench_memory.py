@@ -95,7 +95,9 @@ def measure(row: dict) -> dict:
     device = torch.device(row["device"])
     batch, length = map(int, row["batch"].split("x"))
     flags = row["method"].split()
-    args = run_clm.parse_args(["--method", flags[0], *flags[1:], "--model_size", row["shape"], "--block_size", str(length)])
+    args = run_clm.parse_args(
+        ["--method", flags[0], *flags[1:], "--model_size", row["shape"], "--block_size", str(length)]
+    )
     torch.manual_seed(0)
     before = peak_resident_mib()
     method = run_clm.METHODS[args.method]
