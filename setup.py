@@ -48,7 +48,8 @@ setup(
             "nvidia-cuda-nvrtc==13.0.*",
         ],
     },
-    entry_points={"console_scripts": ["poet-peft = poet_peft.cli:main"]},
+    py_modules=["poet_peft_cli"],  # the command, outside the package so that --help need not import torch
+    entry_points={"console_scripts": ["poet-peft = poet_peft_cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

@@ -37,18 +37,24 @@ from run_utils import (
     TRAINING_STATE,
     NoStepHooks,
     SpectralClampHooks,
+    UsageError,
     add_output_arguments,
     add_spec_arguments,
+    check_output_dir,
     check_positive,
+    check_resume_arguments,
     check_tracker,
+    load_checkpoint,
     local_file_extension,
     optimizer_steps,
     parameter_summary,
     parse_block,
     parse_sigma_max,
-    prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
+    set_cpu_threads,
+    start_output_dir,
+    usage_errors_in_one_line,
     window_record,
 )
 from tqdm.auto import tqdm
@@ -62,7 +68,8 @@ from transformers import (
 )
 
 import poet_peft
-from poet_peft.export import replace_folder
+from poet_peft.export import EVAL_RESULTS, replace_folder
+from poet_peft.guards import raise_if_nonfinite
 from poet_peft.synthesizer import SYNTHESIZERS, install_synthesizer
 
 logger = get_logger(__name__)
@@ -201,6 +208,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     train.add_argument("--min_lr_ratio", type=float, default=0.01, help="the cosine schedule ends at lr × this")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
+        "--num_threads", type=int, help="CPU threads per process (default: the machine's cores over its processes)"
+    )
+    train.add_argument(
         "--target_perplexity", type=float, help="report time-to-X: steps, tokens and seconds to this validation ppl"
     )
 
@@ -234,6 +244,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             "block_size",
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
+            "num_train_epochs",
             "logging_steps",
             "eval_steps",
             "checkpointing_steps",
@@ -274,9 +285,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             f"--spec-source {args.spec_source} reads the targets' own weights, which --method {args.method} freezes "
             "and --e4 svd/random splits: use --spec-source weight, or --method adamw without the split"
         )
-    for name in ("e4_lr_ratio", "magnitude_lr_ratio", "lora_alpha"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name} {getattr(args, name)}: use a value > 0")
+    for name in ("e4_lr_ratio", "magnitude_lr_ratio", "lora_alpha", "max_grad_norm", "learning_rate", "poet_lr"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name} {value}: use a finite value > 0")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight_decay {args.weight_decay}: use a finite value ≥ 0")
+    if not 0 <= args.min_lr_ratio <= 1:
+        parser.error(f"--min_lr_ratio {args.min_lr_ratio}: the schedule ends at lr × this, use a value in [0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -298,8 +314,15 @@ def load_raw_splits(args: argparse.Namespace) -> tuple[datasets.Dataset, dataset
         if args.validation_file:
             files["validation"] = args.validation_file
         builders = {data_files_builder(path) for path in files.values()}
+        empty = [
+            f"--{split}_file {path}"
+            for split, path in files.items()
+            if Path(path).is_file() and not Path(path).stat().st_size
+        ]
+        if empty:
+            raise UsageError(f"{' and '.join(empty)} is empty: give a file with text in it.")
         if len(builders) > 1:
-            raise ValueError("--train_file and --validation_file must have the same format (.txt, or .json/.jsonl)")
+            raise UsageError("--train_file and --validation_file must have the same format (.txt, or .json/.jsonl)")
         raw = datasets.load_dataset(builders.pop(), data_files=files)
     train = raw["train"]
     if "validation" in raw:
@@ -313,7 +336,7 @@ def load_raw_splits(args: argparse.Namespace) -> tuple[datasets.Dataset, dataset
         split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=0)
         train, validation = split["train"], split["test"]
     if args.text_column not in (train.column_names or [args.text_column]):
-        raise ValueError(f"--text_column {args.text_column!r} is not in the data; its columns: {train.column_names}")
+        raise UsageError(f"--text_column {args.text_column!r} is not in the data; its columns: {train.column_names}")
     return train, validation
 
 
@@ -401,7 +424,14 @@ def tokenize_and_pack(split, tokenizer, args: argparse.Namespace, name: str):
         tokenized = split.map(
             tokenize, batched=True, remove_columns=split.column_names, **options(f"Tokenizing {name}")
         )
-        return tokenized.map(pack, batched=True, **options(f"Packing {name} into {block_size}-token sequences"))
+        packed = tokenized.map(pack, batched=True, **options(f"Packing {name} into {block_size}-token sequences"))
+    if not streamed and len(packed) == 0:
+        tokens = sum(len(ids) for ids in tokenized["input_ids"])
+        raise UsageError(
+            f"{name} holds {tokens} tokens, not enough for one sequence of --block_size {block_size}: give more text "
+            "or a smaller --block_size."
+        )
+    return packed
 
 
 def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -608,20 +638,50 @@ class PrincipalSwitch:
 
 
 # -------------------------------------------------------------------------------------------------------- saving
-def save_merged_model(model: torch.nn.Module, state_dict: dict, tokenizer, destination: Path) -> None:
-    """Fold any adapter into the weights and save a plain Transformers model (safetensors) and its tokenizer.
+def save_merged_model(model: torch.nn.Module, state_dict: dict, tokenizer, destination: Path, record: dict) -> None:
+    """Fold any adapter into the weights and save a plain Transformers model (safetensors), its tokenizer and
+    `record` (how it was trained and what it measured, which `poet-peft export` puts on the model card).
 
     `state_dict` is the full one Accelerate gathers (under FSDP no rank holds it otherwise); PEFT models are saved
     from their merged modules instead.
     """
+    if isinstance(model, PeftModel):
+        model, state_dict = model.merge_and_unload(), None  # merge_and_unload refuses NaN or inf weights itself
+    else:
+        raise_if_nonfinite(state_dict.items(), f"to save the model to {destination}")
     partial = destination.with_name(destination.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    if isinstance(model, PeftModel):
-        model.merge_and_unload().save_pretrained(partial)
-    else:
-        model.save_pretrained(partial, state_dict=state_dict)
+    model.save_pretrained(partial, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
+    (partial / EVAL_RESULTS).write_text(json.dumps(record, indent=2))
     replace_folder(partial, destination)
+
+
+def training_record(args: argparse.Namespace, model: torch.nn.Module, summary: dict) -> dict:
+    """What the model card says about the run: the method and its config, the data, the validation metrics."""
+    method = {"poet": "POET", "ora": "ORA", "spectral_lora": "spectral LoRA", "lora": "LoRA", "galore": "GaLore"}
+    peft_config = model.peft_config["default"].to_dict() if isinstance(model, PeftModel) else {}
+    data = args.dataset_name or Path(args.train_file or BUNDLED_DATA).name
+    dataset = {"name": data, "split": "validation"}
+    if args.dataset_name:
+        dataset.update(id=args.dataset_name, config=args.dataset_config_name)
+    metrics = {key.removeprefix("eval/"): summary[key] for key in ("eval/loss", "eval/perplexity") if key in summary}
+    hyperparameters = {
+        key: getattr(args, key)
+        for key in ("model_size", "block_size", "per_device_train_batch_size", "learning_rate", "max_train_steps")
+    }
+    return {
+        "task_type": "CAUSAL_LM",
+        "method": method.get(args.method, "AdamW"),
+        "training": "pretrained from scratch",
+        "dataset": dataset,
+        "metrics": metrics,
+        "hyperparameters": {**hyperparameters, "tokens": summary.get("tokens"), **_json_ready(peft_config)},
+    }
+
+
+def _json_ready(config: dict) -> dict:
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -642,6 +702,7 @@ def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
 def train(args: argparse.Namespace) -> dict:
     """Build data, tokenizer and model, train with the chosen method, validate, and return the run's objects."""
     check_tracker(args.report_to)
+    threads = set_cpu_threads(args.num_threads)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -672,9 +733,7 @@ def train(args: argparse.Namespace) -> dict:
     logging.getLogger(__name__).setLevel(logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
-    prepare_output_dir(args, ("metrics.jsonl", "checkpoints", "model"))
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    previous_run = check_output_dir(args, ("metrics.jsonl", "checkpoints", "model"))
     set_seed(args.seed)
 
     raw_train, raw_validation = load_raw_splits(args)
@@ -699,7 +758,7 @@ def train(args: argparse.Namespace) -> dict:
 
     method = METHODS[args.method]
     model = method.wrap(build_model(args, tokenizer), args)
-    accelerator.print(parameter_summary(model))
+    accelerator.print(f"{parameter_summary(model)}; {threads} CPU threads per process")
     optimizer = method.optimizer(method.param_groups(model, args))
 
     batches_per_epoch = None if args.streaming else math.ceil(len(train_loader) / accelerator.num_processes)
@@ -714,13 +773,14 @@ def train(args: argparse.Namespace) -> dict:
         num_training_steps=max_train_steps * accelerator.num_processes,
         scheduler_specific_kwargs={"min_lr_rate": args.min_lr_ratio},
     )
+    start_output_dir(output_dir, previous_run)  # every input is validated: only now delete what an old run left
     model, optimizer, train_loader, eval_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, lr_scheduler
     )
     hooks = method.step_hooks(model, optimizer)
     plain_model = accelerator.unwrap_model(model)
     switch = PrincipalSwitch(args, plain_model, optimizer, lr_scheduler)
-    directions = None
+    directions, helpers = None, {}  # objects whose state checkpoints carry beside Accelerate's
     if args.track_directions_every:
         directions = poet_peft.StableDirections(
             plain_model,
@@ -730,23 +790,24 @@ def train(args: argparse.Namespace) -> dict:
             args.track_directions_every,
             args.track_amplify,
         )
-        accelerator.register_for_checkpointing(directions)  # its subspaces, so that 3B resumes exactly
+        helpers["stable_directions"] = directions  # its subspaces, so that 3B resumes exactly
     monitor = None
     if args.spec_monitor:
         monitor = poet_peft.SpectralMonitor(args.spec_targets, args.spec_every, args.spec_topk, args.spec_source)
         monitor.bind(plain_model, optimizer)
-        accelerator.register_for_checkpointing(monitor)  # the start's spectra and the last subspaces
+        helpers["spectral_monitor"] = monitor  # the start's spectra and the last subspaces
 
     position = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_seconds": 0.0}
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        check_resume_arguments(args, checkpoint)
         accelerator.print(f"Resuming from {checkpoint}")
         position = {**position, **json.loads((checkpoint / TRAINING_STATE).read_text())}
         if args.e4 != "none" and position["completed_steps"] >= args.e4_warmup_steps:
             switch.apply()  # the checkpoint holds the switched model and optimizer: rebuild their shape first
             if monitor is not None:
                 monitor.bind(plain_model, optimizer)
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, output_dir, checkpoint, helpers)
     resume_step = position["completed_steps"] if args.resume_from_checkpoint else None
     metrics_log = poet_peft.MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step)
     if args.report_to != "none":
@@ -820,10 +881,11 @@ def train(args: argparse.Namespace) -> dict:
                     f"step {step}: validation loss {last_eval['eval/loss']:.4f}, "
                     f"perplexity {last_eval['eval/perplexity']:.2f}"
                 )
-        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == max_train_steps):
-            save_checkpoint(accelerator, output_dir, position, args.checkpoints_total_limit)
+        if step == max_train_steps or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
+            save_checkpoint(accelerator, model, output_dir, position, args, helpers)
     progress.close()
     summary = {**(last_eval or {}), "steps": position["completed_steps"], "tokens": position["tokens"]}
+    summary["cpu_threads_per_process"] = threads
     if args.target_perplexity:  # None where the target was not reached
         summary.update(position.get("time_to_target", {"time_to_target/steps": None}))
     if train_seconds:
@@ -849,7 +911,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(json.dumps(run["summary"], indent=2))
         if run["args"].attention == "default":
             model = accelerator.unwrap_model(run["model"])
-            save_merged_model(model, state_dict, run["tokenizer"], output_dir / "model")
+            record = training_record(run["args"], model, run["summary"])
+            save_merged_model(model, state_dict, run["tokenizer"], output_dir / "model", record)
             print(f"Merged model and tokenizer saved to {output_dir / 'model'}")
         else:  # plain Transformers has no Synthesizer attention to load it into
             print(
@@ -861,4 +924,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with usage_errors_in_one_line("run_clm.py"):
+        main()

@@ -40,17 +40,22 @@ from run_utils import (
     SpectralClampHooks,
     add_output_arguments,
     add_spec_arguments,
+    check_output_dir,
     check_positive,
+    check_resume_arguments,
     check_tracker,
+    load_checkpoint,
     local_file_extension,
     optimizer_steps,
     parameter_counts,
     parameter_summary,
     parse_block,
     parse_sigma_max,
-    prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
+    set_cpu_threads,
+    start_output_dir,
+    usage_errors_in_one_line,
     window_record,
 )
 from tqdm.auto import tqdm
@@ -175,6 +180,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     train.add_argument("--max_train_steps", type=int, help="optimizer steps; overrides --num_train_epochs")
     train.add_argument("--warmup_ratio", type=float, default=0.06, help="linear warm-up over this share of the steps")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--num_threads", type=int, help="CPU threads per process (default: the machine's cores over its processes)"
+    )
 
     add_spec_arguments(
         parser,
@@ -450,6 +458,7 @@ def warn_if_best_is_ahead(accelerator: Accelerator, output_dir: Path, position: 
 def train(args: argparse.Namespace) -> dict:
     """Load data and model, finetune with --method, validate each epoch and keep the best; returns the summary."""
     check_tracker(args.report_to)
+    threads = set_cpu_threads(args.num_threads)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -466,9 +475,7 @@ def train(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
-    prepare_output_dir(args, ("metrics.jsonl", "checkpoints", "best", "results.json"))
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    previous_run = check_output_dir(args, ("metrics.jsonl", "checkpoints", "best", "results.json"))
     set_seed(args.seed)
 
     raw_train, raw_validation, origin = load_raw_splits(args)
@@ -489,7 +496,7 @@ def train(args: argparse.Namespace) -> dict:
     eval_loader = torch.utils.data.DataLoader(eval_data, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
 
     model = wrap_model(model, args)
-    accelerator.print(parameter_summary(model))
+    accelerator.print(f"{parameter_summary(model)}; {threads} CPU threads per process")
     trainable_parameters, _ = parameter_counts(model)
     learning_rate = args.learning_rate or LEARNING_RATES[args.method]
     optimizer = torch.optim.AdamW(param_groups(model, args, learning_rate))
@@ -505,11 +512,12 @@ def train(args: argparse.Namespace) -> dict:
         num_warmup_steps=round(args.warmup_ratio * max_train_steps) * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
+    start_output_dir(output_dir, previous_run)  # every input is validated: only now delete what an old run left
     model, optimizer, train_loader, eval_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, lr_scheduler
     )
     hooks = step_hooks(args, accelerator.unwrap_model(model), optimizer)
-    monitor = None
+    monitor, helpers = None, {}  # objects whose state checkpoints carry beside Accelerate's
     if args.spec_monitor:
         model_type = accelerator.unwrap_model(model).config.model_type
         targets = args.spec_targets or ",".join(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, []))
@@ -517,14 +525,15 @@ def train(args: argparse.Namespace) -> dict:
             raise ValueError(f"--spec-monitor: no default targets for a {model_type} model; pass --spec-targets")
         monitor = poet_peft.SpectralMonitor(targets, args.spec_every, args.spec_topk, args.spec_source)
         monitor.bind(accelerator.unwrap_model(model), optimizer)
-        accelerator.register_for_checkpointing(monitor)
+        helpers["spectral_monitor"] = monitor
 
     position = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "train_seconds": 0.0, "best": None}
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        check_resume_arguments(args, checkpoint)
         accelerator.print(f"Resuming from {checkpoint}")
         position = {**position, **json.loads((checkpoint / TRAINING_STATE).read_text())}
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, output_dir, checkpoint, helpers)
         warn_if_best_is_ahead(accelerator, output_dir, position)
     resume_step = position["completed_steps"] if args.resume_from_checkpoint else None
     metrics_log = poet_peft.MetricsLog(accelerator, output_dir / "metrics.jsonl", resume_step)
@@ -582,8 +591,8 @@ def train(args: argparse.Namespace) -> dict:
                 f"epoch {position['epoch'] + 1}, step {step}: "
                 + ", ".join(f"{key.removeprefix('eval/')} {value:.4f}" for key, value in position["last_eval"].items())
             )
-        if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step == max_train_steps):
-            save_checkpoint(accelerator, output_dir, position, args.checkpoints_total_limit)
+        if step == max_train_steps or (args.checkpointing_steps and step % args.checkpointing_steps == 0):
+            save_checkpoint(accelerator, model, output_dir, position, args, helpers)
     progress.close()
     best = position["best"]
     summary = {
@@ -596,6 +605,7 @@ def train(args: argparse.Namespace) -> dict:
         "learning_rate": learning_rate,
         **({"poet_lr": args.poet_lr} if args.method == "poet" else {}),
         "trainable_parameters": trainable_parameters,
+        "cpu_threads_per_process": threads,
         "train_seconds": position["train_seconds"],
         "steps": position["completed_steps"],
     }
@@ -644,4 +654,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with usage_errors_in_one_line("run_glue.py"):
+        main()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -17,10 +19,35 @@ import torch
 from accelerate import Accelerator, PartialState
 
 import poet_peft
+from poet_peft.guards import raise_if_nonfinite
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINING_STATE = "training_state.json"
+
+
+class UsageError(ValueError):
+    """An error the user can fix from its message alone (a flag, a file, a folder): printed on one line."""
+
+
+@contextlib.contextmanager
+def usage_errors_in_one_line(program: str):
+    """Turn a UsageError into one line on stderr and exit status 2, as argparse does for a bad flag."""
+    try:
+        yield
+    except UsageError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+RUN_ARGUMENTS = "run_arguments.json"  # in a checkpoint: the flags of the run that wrote it
+# Flags a resumed run may change: how long it trains, how it logs and checkpoints, where its caches are.
+CHANGEABLE_ON_RESUME = {
+    "max_train_steps", "num_train_epochs", "logging_steps", "eval_steps", "checkpointing_steps",
+    "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "output_dir",
+    "tokenizer_cache_dir", "preprocessing_num_workers", "per_device_eval_batch_size", "target_perplexity",
+}  # fmt: skip
+RUN_MARKER = ".poet_peft_run"  # in an output folder: a run of these scripts wrote it, so --overwrite_output_dir may
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 
@@ -29,7 +56,7 @@ def parse_block(text: str) -> float:
     """A POET block: an integer b for POET-BS, a fraction such as 0.5 or 1/2 for POET-FS."""
     try:
         value = Fraction(text)
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(
             f"--block {text!r}: use an integer b ≥ 2 (POET-BS) or a fraction in (0, 1] (POET-FS)"
         )
@@ -54,7 +81,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_dir: str) -> a
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default=default_dir)
     output.add_argument("--overwrite_output_dir", action="store_true", help="start over in a used --output_dir")
-    output.add_argument("--checkpointing_steps", type=int, help="save a resumable checkpoint every N steps")
+    output.add_argument(
+        "--checkpointing_steps", type=int, help="save a resumable checkpoint every N steps (the last step always)"
+    )
     output.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
     output.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest" in --output_dir')
     output.add_argument(
@@ -99,6 +128,19 @@ def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, na
             parser.error(f"--{name} {value}: use an integer ≥ 1")
 
 
+def set_cpu_threads(requested: Optional[int]) -> int:
+    """Set torch's threads per process: `requested`, else OMP_NUM_THREADS if above 1, else this machine's cores
+    divided among its processes. `accelerate launch` without a config exports OMP_NUM_THREADS=1, which would
+    leave every other core idle; pass --num_threads 1 to really run on one."""
+    if requested is None:
+        exported = os.environ.get("OMP_NUM_THREADS", "")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        requested = int(exported) if exported.isdigit() and int(exported) > 1 else max(1, cores // local_processes)
+    torch.set_num_threads(requested)
+    return requested
+
+
 def check_tracker(report_to: str) -> None:
     """Fail early, naming the package to install, when the requested tracker is missing ("all" takes what is)."""
     module = TRACKER_MODULES.get(report_to)
@@ -112,31 +154,48 @@ def local_file_extension(path: str, allowed: tuple[str, ...]) -> str:
     suffixes = [suffix for suffix in Path(path).suffixes if suffix not in COMPRESSIONS]
     extension = suffixes[-1] if suffixes else ""
     if extension not in allowed:
-        raise ValueError(
+        raise UsageError(
             f"{path}: unsupported file type {extension!r}; use {', '.join(allowed)} (optionally .gz, .bz2, .xz)"
         )
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     return extension
 
 
 # ----------------------------------------------------------------------------------------------------- the run
-def prepare_output_dir(args: argparse.Namespace, outputs: tuple[str, ...]) -> Path:
-    """The output folder; refuses to start a new run over an old one unless told to, since that loses its files."""
+def check_output_dir(args: argparse.Namespace, outputs: tuple[str, ...]) -> list[Path]:
+    """Refuse, before anything is loaded, to start a new run over outputs it may not delete; returns those it may.
+
+    --overwrite_output_dir deletes only a run this script wrote itself (the folder holds its RUN_MARKER), and only
+    once `start_output_dir` is called, after every input has been validated.
+    """
     output_dir = Path(args.output_dir)
-    previous = [output_dir / name for name in outputs]
-    if any(path.exists() for path in previous) and not args.resume_from_checkpoint:
-        if not args.overwrite_output_dir:
-            raise FileExistsError(
-                f"{output_dir} holds a previous run. Pass --resume_from_checkpoint latest to continue it, "
-                "--overwrite_output_dir to delete it and start over, or another --output_dir."
-            )
-        state = PartialState()
-        if state.is_main_process:
-            for path in previous:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        state.wait_for_everyone()
-    return output_dir
+    previous = [path for path in (output_dir / name for name in outputs) if path.exists()]
+    if not previous or args.resume_from_checkpoint:
+        return []
+    if not args.overwrite_output_dir:
+        raise UsageError(
+            f"{output_dir} holds a previous run. Pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to delete it and start over, or another --output_dir."
+        )
+    if not (output_dir / RUN_MARKER).is_file():
+        names = ", ".join(path.name for path in previous)
+        raise UsageError(
+            f"--overwrite_output_dir deletes only runs this script wrote, and {output_dir} holds {names} without its "
+            f"{RUN_MARKER}: move them away yourself, or choose another --output_dir."
+        )
+    return previous
+
+
+def start_output_dir(output_dir: Path, previous: list[Path]) -> None:
+    """Delete the previous run's outputs that check_output_dir allowed, and mark the folder as this script's run."""
+    state = PartialState()
+    if state.is_main_process:
+        for path in previous:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_MARKER).write_text(json.dumps({"script": Path(sys.argv[0]).name}) + "\n")
+    state.wait_for_everyone()
 
 
 def parameter_summary(model: torch.nn.Module) -> str:
@@ -230,12 +289,24 @@ def completed_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, position: dict, keep: Optional[int]) -> Path:
-    """Save model (with POET's Q, permutations and merge counts), optimizer, scheduler, RNG and data position.
+def save_checkpoint(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    output_dir: Path,
+    position: dict,
+    args: argparse.Namespace,
+    helpers: dict,
+) -> Path:
+    """Save model (with POET's Q, permutations and merge counts), optimizer, scheduler, RNG, data position and the
+    state of the training helpers (name → object with state_dict, e.g. the spectral monitor).
 
     Written to `step_N.partial` and renamed once complete, so a crash mid-save never leaves a broken checkpoint.
+    The helpers go through poet_peft.save_state (safetensors + JSON), not Accelerate's register_for_checkpointing,
+    whose pickles would run code from a crafted checkpoint on resume.
     """
     final = output_dir / "checkpoints" / f"step_{position['completed_steps']}"
+    # A diverged model is not checkpointed: `latest` must never resume from NaN weights.
+    raise_if_nonfinite(accelerator.unwrap_model(model).named_parameters(), f"to checkpoint {final.name}")
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -243,14 +314,61 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, position: dict, 
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, helper in helpers.items():
+            poet_peft.save_state(helper, partial, name)
+        (partial / RUN_ARGUMENTS).write_text(json.dumps(_flag_values(args), indent=2))
         (partial / TRAINING_STATE).write_text(json.dumps(position, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        if keep:
-            for old in completed_checkpoints(output_dir)[:-keep]:
+        if args.checkpoints_total_limit:
+            for old in completed_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _flag_values(args: argparse.Namespace) -> dict:
+    return json.loads(json.dumps(vars(args), default=str))  # as JSON has them: paths as strings, tuples as lists
+
+
+def check_resume_arguments(args: argparse.Namespace, checkpoint: Path) -> None:
+    """Refuse to resume with other data, model or optimisation flags than the checkpoint's run was started with."""
+    path = checkpoint / RUN_ARGUMENTS
+    if not path.is_file():
+        return  # written before checkpoints recorded their flags
+    saved, now = json.loads(path.read_text()), _flag_values(args)
+    changed = sorted(
+        key for key in saved.keys() | now.keys() if key not in CHANGEABLE_ON_RESUME and saved.get(key) != now.get(key)
+    )
+    if changed:
+        listed = "; ".join(f"--{key} {saved.get(key)!r} → {now.get(key)!r}" for key in changed)
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint}: the run it continues was started with other flags ({listed}). "
+            "Resume with the same ones (only step counts, logging, checkpointing and caches may change), or "
+            "start a new run in another --output_dir."
+        )
+
+
+def load_checkpoint(accelerator: Accelerator, output_dir: Path, checkpoint: Path, helpers: dict) -> None:
+    """Restore what save_checkpoint wrote into the prepared objects and the helpers.
+
+    Resuming from an earlier checkpoint than the run's last abandons the later ones: they move to
+    checkpoints/abandoned/ (kept, never deleted), so that `latest` and --checkpoints_total_limit follow this run.
+    """
+    accelerator.load_state(str(checkpoint))
+    for name, helper in helpers.items():
+        poet_peft.load_state(helper, checkpoint, name)
+    step = int(json.loads((checkpoint / TRAINING_STATE).read_text())["completed_steps"])
+    later = [path for path in completed_checkpoints(output_dir) if int(path.name.removeprefix("step_")) > step]
+    if accelerator.is_main_process and later:
+        abandoned = output_dir / "checkpoints" / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+        abandoned.mkdir(parents=True, exist_ok=True)
+        for path in later:
+            os.replace(path, abandoned / path.name)
+        accelerator.print(
+            f"Resumed at step {step}: the later checkpoints {[p.name for p in later]} moved to {abandoned}"
+        )
+    accelerator.wait_for_everyone()
 
 
 def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
@@ -258,13 +376,11 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     if spec == "latest":
         found = completed_checkpoints(output_dir)
         if not found:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints"
-            )
+            raise UsageError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}/checkpoints")
         return found[-1]
     path = Path(spec)
     if not (path / TRAINING_STATE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINING_STATE})")
+        raise UsageError(f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {TRAINING_STATE})")
     return path
 
 

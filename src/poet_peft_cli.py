@@ -2,6 +2,9 @@
 
 `poet-peft plot METRICS.jsonl [...] -o DIR` draws a run's spectral metrics; `poet-peft export --adapter DIR --out DIR`
 writes a merged, Hub-ready checkpoint of a finetuned adapter (`--push-to-hub REPO_ID` uploads it).
+
+A module beside the poet_peft package rather than inside it: importing poet_peft imports torch, PEFT and
+Transformers (seconds), which `--help` and a mistyped flag should not wait for.
 """
 
 from __future__ import annotations
@@ -10,9 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Optional
-
-from .export import HubPushError, export_merged
-from .plots import SpectralSeries, plot_runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plot_command(args: argparse.Namespace) -> list[Path]:
     """Read the metrics files and write the PNGs."""
+    from poet_peft.plots import SpectralSeries, plot_runs
+
     if args.labels:
         labels = args.labels.split(",")
     else:  # each file's folder name, or its whole path where two folders share a name
@@ -63,6 +65,8 @@ def plot_command(args: argparse.Namespace) -> list[Path]:
 
 def export_command(args: argparse.Namespace) -> Path:
     """Merge and write the checkpoint, then push it if asked."""
+    from poet_peft import export_merged
+
     folder = export_merged(args.adapter, args.out, args.base, args.push_to_hub, args.overwrite)
     print(f"Merged model written to {folder}" + (f" and pushed to {args.push_to_hub}" if args.push_to_hub else ""))
     return folder
@@ -75,6 +79,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the command line; errors in the input print one line and exit with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from poet_peft import HubPushError
+
     try:
         COMMANDS[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, HubPushError) as error:

@@ -115,8 +115,8 @@ def test_bench_memory_counts_what_a_step_keeps_and_resumes(tmp_path):
     methods = ["--methods", "adamw", "poet --block 256", "poet --block 256 --memory_mode store"]
     flags = ["--batches", "1x64", "--steps", "0", "--results", str(tmp_path / "runs.jsonl"), *methods]
     text = run_benchmark(tmp_path, "bench_memory.py", *flags)
-    rows = {row[3].strip("`"): row for row in ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines())
-            if len(row) == 12 and row[0] == "60m"}  # fmt: skip
+    cells = ([cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines())
+    rows = {row[3].strip("`"): row for row in cells if len(row) == 12 and row[0] == "60m"}
     adamw, recompute, store = rows["adamw"], rows["poet --block 256"], rows["poet --block 256 --memory_mode store"]
     # LLaMA-60M with vocab 2048: 26.2M fp32 parameters (100 MiB), all trained by AdamW (two moments each).
     assert adamw[4] == adamw[5] == "100" and adamw[6] == "200"

@@ -488,7 +488,7 @@ def test_export_loads_without_poet_peft_and_matches_the_peft_model(poet_adapter,
     folder, expected = poet_adapter
     out = tmp_path / "merged"
     subprocess.run(
-        [sys.executable, "-m", "poet_peft.cli", "export", "--adapter", str(folder), "--out", str(out)],
+        [sys.executable, "-m", "poet_peft_cli", "export", "--adapter", str(folder), "--out", str(out)],
         check=True,
         capture_output=True,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
@@ -606,7 +606,7 @@ def test_a_failed_export_leaves_no_partial_folder(poet_adapter, tmp_path, monkey
 def test_export_refuses_to_write_over_its_own_adapter(poet_adapter):
     folder, _ = poet_adapter
     for out in (folder, folder.parent):
-        with pytest.raises(ValueError, match="would replace the adapter folder"):
+        with pytest.raises(ValueError, match="would write into or over the adapter folder"):
             poet_peft.export_merged(folder, out, overwrite=True)
     assert (folder / "adapter_model.safetensors").is_file()
 
@@ -643,7 +643,7 @@ def test_export_refuses_to_overwrite_and_offline_push_keeps_the_folder(poet_adap
     out = tmp_path / "merged"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    command = [sys.executable, "-m", "poet_peft.cli", "export", "--adapter", str(folder), "--out", str(out)]
+    command = [sys.executable, "-m", "poet_peft_cli", "export", "--adapter", str(folder), "--out", str(out)]
     refused = subprocess.run(command, capture_output=True, text=True, env=env)
     assert refused.returncode == 2 and "exists and is not empty" in refused.stderr
     assert (out / "notes.txt").read_text() == "mine"

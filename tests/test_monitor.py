@@ -269,7 +269,7 @@ def test_only_the_main_process_measures_under_ddp(tmp_path):
     assert [line["step"] for line in lines] == [2, 4] and "spec/2/cos_u_mean" in lines[1]
 
 
-def tiny_trainer(model: nn.Module, output_dir: Path, steps: int):
+def tiny_trainer(model: nn.Module, output_dir: Path, steps: int, logging_steps: int = 100):
     """A CPU Trainer over 16 random sequences, with no tracker, checkpoint or progress bar."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
@@ -278,7 +278,7 @@ def tiny_trainer(model: nn.Module, output_dir: Path, steps: int):
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=100,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=logging_steps,
     )  # fmt: skip
     return Trainer(model=model, args=args, train_dataset=data)
 
@@ -296,6 +296,24 @@ def test_trainer_callback_logs_through_trainer_and_jsonl(tmp_path):
     assert history[1][key] == lines[1][key] and 0 <= lines[1][key] <= 1
 
 
+def test_trainer_callback_leaves_trainer_logging_as_it_was_and_prints_one_line(tmp_path, capsys):
+    def losses(monitored: bool) -> list[float]:
+        torch.manual_seed(0)
+        trainer = tiny_trainer(tiny_llama().train(), tmp_path / str(monitored), steps=4, logging_steps=2)
+        if monitored:
+            monitor = poet_peft.SpectralMonitor("q_proj", every=2, topk=2)
+            trainer.add_callback(poet_peft.SpectralMonitorCallback(trainer, monitor))
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    plain = losses(False)
+    capsys.readouterr()
+    assert losses(True) == plain and len(plain) == 2  # Trainer's own loss logs at steps 2 and 4, unchanged
+    printed = [line for line in capsys.readouterr().out.splitlines() if "spec" in line]
+    assert [line.split(":")[0] for line in printed] == [f"spectral monitor, step {step}" for step in (0, 2, 4)]
+    assert all(len(line) < 160 and "largest σ_max" in line for line in printed)
+
+
 def test_trainer_callback_with_weights_measures_step_zero(tmp_path):
     trainer = tiny_trainer(get_peft_model(tiny_llama().train(), poet_peft.POETConfig(block=16)), tmp_path, steps=2)
     trainer.add_callback(poet_peft.SpectralMonitorCallback(trainer, poet_peft.SpectralMonitor("q_proj", every=2)))
@@ -309,7 +327,7 @@ def test_trainer_callback_with_weights_measures_step_zero(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- the plot command
 def test_plot_command_rejects_bad_input_with_a_clear_message(tmp_path, capsys):
-    from poet_peft import cli
+    import poet_peft_cli as cli
 
     plain = tmp_path / "run" / "metrics.jsonl"
     plain.parent.mkdir()

@@ -6,17 +6,21 @@ import gzip
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import run_fresh_python
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
+
+import poet_peft
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_clm.py"
@@ -160,6 +164,22 @@ def test_merged_model_loads_in_plain_transformers_with_the_peft_models_logits(po
     assert (output_dir / "model" / "model.safetensors").is_file()
 
 
+def test_exported_pretraining_run_has_a_card_naming_poet_the_data_and_its_perplexity(poet_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    output_dir, _ = poet_run
+    out = poet_peft.export_merged(output_dir / "model", tmp_path / "merged")
+    card = ModelCard.load(out / "README.md")  # huggingface_hub's own parser
+    assert card.data.pipeline_tag == "text-generation" and "poet" in card.data.tags
+    assert card.data.hyperparameters["peft_type"] == "POET" and card.data.hyperparameters["block"] == 32
+    (result,) = [r for r in card.data.eval_results if r.metric_type == "perplexity"]
+    assert result.dataset_name == "wikipedia_summaries_en.jsonl.gz" and result.metric_value == pytest.approx(
+        metrics(output_dir)[-1]["eval/perplexity"]
+    )
+    assert "pretrained from scratch with POET on wikipedia_summaries_en" in card.text
+    assert "AutoModelForCausalLM.from_pretrained" in card.text and "full finetuning" not in card.text
+
+
 def test_ora_pretraining_learns_with_q_and_k_left_as_drawn(cache, tmp_path):
     flags = [*NANO, "--method", "ora", "--max_train_steps", "60", "--logging_steps", "5", "--eval_steps", "30"]
     result = run_script(cache, tmp_path, *flags)
@@ -288,6 +308,16 @@ def test_spectral_lora_pretraining_learns_with_its_branches_clamped(cache, tmp_p
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), torch.nn.Module)
 
 
+class Payload:
+    """A pickle that, when unpickled, creates the file `marker`: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
 def test_e4_switch_resumes_exactly_and_exports_a_plain_model(cache, tmp_path):
     corpus = small_corpus(tmp_path / "corpus.jsonl", 60)
     flags = [
@@ -306,6 +336,24 @@ def test_e4_switch_resumes_exactly_and_exports_a_plain_model(cache, tmp_path):
     # Resume from the step-8 checkpoint, taken after the switch: the model and optimizer are rebuilt split first,
     # and the 3B subspaces measured at step 6 come back with the checkpoint.
     checkpoint = uninterrupted / "checkpoints" / "step_8"
+    # The helpers' state is data (safetensors + JSON): Accelerate's custom-object pickles, which it unpickles with
+    # weights_only=False, are neither written nor read, so one planted by an attacker never runs.
+    assert {"stable_directions.json", "spectral_monitor.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+    marker = tmp_path / "payload-ran"
+    planted = [checkpoint / f"custom_checkpoint_{index}.pkl" for index in range(2)]
+    for path in planted:
+        path.write_bytes(pickle.dumps(Payload(marker)))
+    argv = [
+        sys.executable,
+        str(SCRIPT),
+        *command(cache, interrupted, *flags, "--resume_from_checkpoint", str(checkpoint)),
+    ]
+    tampered = subprocess.run(argv, capture_output=True, text=True, env=cache["env"], cwd=ROOT, check=False)
+    assert tampered.returncode != 0 and "Number of custom checkpoints" in tampered.stderr  # Accelerate refuses
+    assert not marker.exists()
+    for path in planted:
+        path.unlink()
     result = run_script(cache, interrupted, *flags, "--resume_from_checkpoint", str(checkpoint))
     resumed = metrics(interrupted)
     assert series(resumed, "train/loss") == [(step, loss) for step, loss in series(records, "train/loss") if step > 8]
@@ -454,7 +502,7 @@ def test_two_process_accelerate_launch_keeps_ranks_identical_through_merges(cach
         str(CPU_DDP_CONFIG),
         str(ROOT / "tests" / "run_clm_ranks.py"),
     ]
-    run_script(
+    result = run_script(
         cache,
         tmp_path,
         *NANO,
@@ -476,6 +524,71 @@ def test_two_process_accelerate_launch_keeps_ranks_identical_through_merges(cach
     q = [tensor for name, tensor in ranks[0].items() if ".poet_R." in name or ".poet_P." in name]
     assert q and all(tensor.abs().max() > 0 for tensor in q)  # trained for one step since the third merge
     assert series(metrics(tmp_path), "train/tokens")[-1] == (10, 10 * 2 * 8 * 128)  # both processes' batches
+    # Each of the two processes takes half of this machine's cores, though accelerate launch exports one thread.
+    assert f"{max(1, len(os.sched_getaffinity(0)) // 2)} CPU threads per process" in result.stdout
+
+
+def test_the_readme_command_uses_every_core_under_accelerate_launch(cache, tmp_path):
+    env = {key: value for key, value in cache["env"].items() if key != "OMP_NUM_THREADS"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", str(SCRIPT)]
+    flags = command(cache, tmp_path, *NANO, "--block_size", "32", "--max_train_steps", "1", "--eval_steps", "100")
+    result = subprocess.run([*launcher, *flags], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"{len(os.sched_getaffinity(0))} CPU threads per process" in result.stdout
+
+
+def test_overwriting_a_run_deletes_nothing_until_the_inputs_are_valid(cache, poet_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    output_dir, _ = poet_run
+    before = sorted(path.relative_to(output_dir) for path in output_dir.rglob("*"))
+    argv = [sys.executable, str(SCRIPT), *command(cache, output_dir, *NANO, "--train_file", str(empty))]
+    result = subprocess.run(
+        [*argv, "--overwrite_output_dir"], capture_output=True, text=True, env=cache["env"], cwd=ROOT, check=False
+    )
+    assert result.returncode != 0
+    assert sorted(path.relative_to(output_dir) for path in output_dir.rglob("*")) == before
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(cache, tmp_path):
+    flags = [*NANO, "--block_size", "32", "--eval_steps", "100", "--checkpoints_total_limit", "2"]
+    run_script(cache, tmp_path, *flags, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    assert [path.name for path in run_utils.completed_checkpoints(tmp_path)] == ["step_4", "step_6"]
+    rewind = ["--resume_from_checkpoint", str(tmp_path / "checkpoints" / "step_4")]
+    run_script(cache, tmp_path, *flags, "--max_train_steps", "5", "--checkpointing_steps", "1", *rewind)
+    # step_4, the one resumed from, is kept; the abandoned future (step_6) is set aside, not pruned or resumed.
+    assert [path.name for path in run_utils.completed_checkpoints(tmp_path)] == ["step_4", "step_5"]
+    assert run_utils.resolve_checkpoint("latest", tmp_path).name == "step_5"
+    (abandoned,) = (tmp_path / "checkpoints" / "abandoned").iterdir()
+    assert [path.name for path in abandoned.iterdir()] == ["step_6"]
+    # Other data or optimisation flags than the run was started with are refused, and each is listed.
+    changed = [*flags, "--max_train_steps", "6", "--seed", "1", "--learning_rate", "0.002", *rewind]
+    argv = [sys.executable, str(SCRIPT), *command(cache, tmp_path, *changed)]
+    result = subprocess.run(argv, capture_output=True, text=True, env=cache["env"], cwd=ROOT, check=False)
+    assert result.returncode != 0 and "the run it continues was started with other flags" in result.stderr
+    assert "--learning_rate None → 0.002; --seed 0 → 1" in result.stderr
+
+
+def test_rerunning_a_finished_run_says_what_to_do_in_one_line_and_the_advice_works(cache, tmp_path):
+    flags = [*NANO, "--block_size", "32", "--max_train_steps", "2", "--eval_steps", "100"]
+    run_script(cache, tmp_path, *flags)
+    assert [path.name for path in run_utils.completed_checkpoints(tmp_path)] == ["step_2"]  # the last step, always
+    argv = [sys.executable, str(SCRIPT), *command(cache, tmp_path, *flags)]
+    again = subprocess.run(argv, capture_output=True, text=True, env=cache["env"], cwd=ROOT, check=False)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    (message,) = [line for line in again.stderr.splitlines() if line.startswith("run_clm.py: error:")]
+    assert "holds a previous run. Pass --resume_from_checkpoint latest to continue it" in message
+    run_script(cache, tmp_path, *flags, "--resume_from_checkpoint", "latest")  # the advice works
+    run_script(cache, tmp_path, *flags, "--overwrite_output_dir")  # and so does the other one
+
+
+def test_a_diverged_run_exits_non_zero_and_writes_no_model(cache, tmp_path):
+    flags = [*NANO, "--max_train_steps", "4", "--learning_rate", "1e4", "--poet_lr", "1e4", "--max_grad_norm", "1e9"]
+    argv = [sys.executable, str(SCRIPT), *command(cache, tmp_path, *flags, "--merge_every", "100")]
+    result = subprocess.run(argv, capture_output=True, text=True, env=cache["env"], cwd=ROOT, check=False)
+    assert result.returncode != 0 and "Refusing to checkpoint step_4: " in result.stderr and "NaN" in result.stderr
+    assert not (tmp_path / "model").exists() and "Merged model" not in result.stdout
+    assert not run_utils.completed_checkpoints(tmp_path)  # nothing that `latest` could resume from either
 
 
 def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
@@ -538,7 +651,13 @@ def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
         (["--method", "adamw", "--track_amplify", "2"], "--track_amplify (variant 3B) needs --track_directions_every"),
         (["--lora_sigma_max", "-1"], "--lora_sigma_max '-1': use a number > 0 (seed 002: 0.7) or none"),
         (["--lora_backbone", "random"], "invalid choice: 'random' (choose from 'pretrained', 'frozen_random', 'zero')"),
-        (["--method", "adamw", "--e4_lr_ratio", "0"], "--e4_lr_ratio 0.0: use a value > 0"),
+        (["--method", "adamw", "--e4_lr_ratio", "0"], "--e4_lr_ratio 0.0: use a finite value > 0"),
+        (["--learning_rate", "-1"], "--learning_rate -1.0: use a finite value > 0"),
+        (["--poet_lr", "nan"], "--poet_lr nan: use a finite value > 0"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm -1.0: use a finite value > 0"),
+        (["--min_lr_ratio", "5"], "--min_lr_ratio 5.0: the schedule ends at lr × this, use a value in [0, 1]"),
+        (["--num_train_epochs", "0"], "--num_train_epochs 0: use an integer ≥ 1"),
+        (["--block", "1/0"], "--block '1/0': use an integer b ≥ 2 (POET-BS) or a fraction in (0, 1] (POET-FS)"),
         (["--attention", "synthesizer_random"], "removes Q and K, which --method poet needs: use --method adamw"),
         (["--method", "adamw", "--synthesizer_fixed"], "--synthesizer_fixed applies to --attention synthesizer_"),
         (["--ora_init", "uniform"], "invalid choice: 'uniform' (choose from 'orthogonal', 'gaussian')"),
@@ -577,11 +696,23 @@ def test_bad_data_and_output_folders_fail_before_losing_anything(tmp_path, monke
     with pytest.raises(ValueError, match=r"--text_column 'body' is not in the data; its columns: \['title', 'text'\]"):
         run_clm.load_raw_splits(run_clm.parse_args(["--train_file", str(corpus), "--text_column", "body"]))
 
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"--train_file .*empty.txt is empty: give a file with text in it"):
+        run_clm.load_raw_splits(run_clm.parse_args(["--train_file", str(tmp_path / "empty.txt")]))
+    tokenizer = run_clm.train_bpe_tokenizer(["a few words of text"], 300)
+    long_blocks = run_clm.parse_args(["--block_size", "4096"])
+    with pytest.raises(ValueError, match="the validation split holds 6 tokens, not enough for one sequence of --block"):
+        few = datasets.Dataset.from_dict({"text": ["a few words of text"]})
+        run_clm.tokenize_and_pack(few, tokenizer, long_blocks, "the validation split")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest to continue it"):
-        run_utils.prepare_output_dir(run_clm.parse_args(["--output_dir", str(tmp_path)]), ("metrics.jsonl",))
+    with pytest.raises(run_utils.UsageError, match="--resume_from_checkpoint latest to continue it"):
+        run_utils.check_output_dir(run_clm.parse_args(["--output_dir", str(tmp_path)]), ("metrics.jsonl",))
+    # A folder this script did not write (no marker) is never deleted, even when told to overwrite.
+    overwrite = run_clm.parse_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"])
+    with pytest.raises(run_utils.UsageError, match="deletes only runs this script wrote, and .* holds metrics.jsonl"):
+        run_utils.check_output_dir(overwrite, ("metrics.jsonl",))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(run_utils.UsageError, match="no complete checkpoint"):
         run_utils.resolve_checkpoint("latest", tmp_path)
 
     monkeypatch.setattr(run_utils.importlib.util, "find_spec", lambda name: None)

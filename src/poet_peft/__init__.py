@@ -4,6 +4,8 @@
 `get_peft_model(model, POETConfig(...))`, `PeftModel.from_pretrained` and the rest of PEFT's API work with them.
 """
 
+import warnings
+
 from .registry import register_tuner
 from .tuners.ora import ORAConfig, ORALinear, ORAModel, ora_layers
 from .tuners.poet import POETConfig, POETLinear, POETModel, poet_layers, poet_parameters
@@ -18,6 +20,9 @@ from .tuners.spectral_lora import (
 register_tuner("poet", POETConfig, POETModel)
 register_tuner("ora", ORAConfig, ORAModel)
 register_tuner("spectral_lora", SpectralLoRAConfig, SpectralLoRAModel)
+# get_peft_model reads transformers 5's deprecated `is_gradient_checkpointing` for every PEFT method; the
+# FutureWarning addresses PEFT's developers, not whoever calls get_peft_model.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from .export import HubPushError, export_merged, load_merged, save_finetuned  # noqa: E402
 from .glue_metric import load_glue_metric  # noqa: E402
@@ -29,6 +34,7 @@ from .principal import (  # noqa: E402
     matching_linears,
     principal_cores,
 )
+from .state_files import load_state, save_state  # noqa: E402
 from .training import (  # noqa: E402
     MergeSchedule,
     POETCallback,
@@ -71,6 +77,7 @@ __all__ = [
     "fold_principal",
     "load_glue_metric",
     "load_merged",
+    "load_state",
     "magnitude_parameters",
     "matching_linears",
     "merge_and_reinit",
@@ -80,6 +87,7 @@ __all__ = [
     "principal_cores",
     "reset_optimizer_state",
     "save_finetuned",
+    "save_state",
     "spectral_lora_layers",
     "summarize_directions",
 ]

@@ -22,6 +22,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoTokenizer
 
+from .guards import raise_if_nonfinite
+
 PathLike = Union[str, os.PathLike]
 MODEL_CONFIG = "model_config.json"
 EVAL_RESULTS = "eval_results.json"
@@ -72,6 +74,7 @@ def save_finetuned(model: torch.nn.Module, tokenizer, folder: PathLike, eval_res
     "task_type", "base_model" (the base's Hub id when it was loaded from a local folder), "hyperparameters": {...}}.
     """
     folder = Path(folder)
+    raise_if_nonfinite(model.state_dict().items(), f"to save {folder}")
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
@@ -85,8 +88,18 @@ def save_finetuned(model: torch.nn.Module, tokenizer, folder: PathLike, eval_res
     return folder
 
 
-def _auto_class(task_type: Optional[str]):
-    return getattr(transformers, AUTO_CLASSES.get(task_type or "FEATURE_EXTRACTION", "AutoModel"))
+def _model_class(task_type: Optional[str], config, folder: Path):
+    # PEFT's task_type names the Auto class; without one, the base's own architecture (a Quickstart adapter on a
+    # causal LM must not come back as a bare AutoModel without its lm_head).
+    if task_type:
+        return getattr(transformers, AUTO_CLASSES.get(task_type, "AutoModel"))
+    architectures = [name for name in (config.architectures or []) if hasattr(transformers, name)]
+    if not architectures:
+        raise ValueError(
+            f"{folder}/adapter_config.json has no task_type and the base's config.json names no architecture that "
+            "transformers knows: set task_type in the adapter config (e.g. 'CAUSAL_LM', 'SEQ_CLS')."
+        )
+    return getattr(transformers, architectures[0])
 
 
 def _base_config(folder: Path, base: str):
@@ -127,7 +140,12 @@ def load_merged(folder: PathLike, base_model: Optional[str] = None) -> tuple[tor
 
     `base_model` replaces the base that the adapter_config.json names (a local copy of it, say).
     """
-    folder = Path(folder)
+    model, settings, base = _load_finetuned(Path(folder), base_model)
+    return (model.merge_and_unload() if isinstance(model, PeftModel) else model), settings, base
+
+
+def _load_finetuned(folder: Path, base_model: Optional[str]) -> tuple[torch.nn.Module, dict, Optional[str]]:
+    # load_merged before the merge: the PeftModel (or the fully finetuned model), its settings and base.
     if not (folder / "adapter_config.json").is_file():
         if (folder / "config.json").is_file():  # a fully finetuned model: nothing to merge
             config = AutoConfig.from_pretrained(folder)
@@ -143,7 +161,7 @@ def load_merged(folder: PathLike, base_model: Optional[str] = None) -> tuple[tor
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # not "newly initialized" for a head that the adapter holds
     try:  # a base with a head of another size (--ignore_mismatched_sizes in run_glue): the adapter holds the new one
-        model = _auto_class(settings.get("task_type")).from_pretrained(
+        model = _model_class(settings.get("task_type"), config, folder).from_pretrained(
             base, config=config, ignore_mismatched_sizes=True
         )
     finally:
@@ -152,7 +170,26 @@ def load_merged(folder: PathLike, base_model: Optional[str] = None) -> tuple[tor
         peft_model = PeftModel.from_pretrained(model, folder)
     except (RuntimeError, ValueError) as error:  # shapes that do not fit, target modules that do not exist
         raise ValueError(f"the adapter in {folder} does not fit base model {base!r}: {error}") from error
-    return peft_model.merge_and_unload(), settings, base
+    return peft_model, settings, base
+
+
+@torch.no_grad()
+def _probe_outputs(model: torch.nn.Module) -> torch.Tensor:
+    # The model's first output (logits, or hidden states for a bare encoder) on fixed token ids.
+    vocab = model.get_input_embeddings().num_embeddings
+    tokens = (torch.arange(16) * 7919 % vocab).unsqueeze(0).to(model.device)
+    outputs = model.eval()(input_ids=tokens)
+    return (outputs.logits if getattr(outputs, "logits", None) is not None else outputs[0]).float().cpu()
+
+
+def _raise_unless_same_outputs(reference: torch.Tensor, exported: torch.Tensor, folder: Path) -> None:
+    scale = reference.abs().max().item()
+    if reference.shape != exported.shape or not torch.allclose(exported, reference, rtol=1e-4, atol=1e-5 * scale):
+        error = (exported - reference).abs().max().item() if reference.shape == exported.shape else float("inf")
+        raise ValueError(
+            f"the exported model in {folder} does not compute what the adapter does (largest logit difference "
+            f"{error:.3g}, logits up to {scale:.3g}): nothing was written. Report this as a bug."
+        )
 
 
 def _yaml_ready(value):
@@ -168,7 +205,7 @@ def _yaml_ready(value):
 
 def model_card(name: str, base: Optional[str], settings: dict, results: dict) -> ModelCard:
     """The model card: YAML metadata (library, base model, tags, datasets, metrics, hyperparameters) and a summary."""
-    method = str(settings.get("peft_type", "full finetuning"))
+    method = str(results.get("method") or settings.get("peft_type") or "full finetuning")
     task_type = settings.get("task_type") or results.get("task_type")
     dataset = results.get("dataset") or {}
     metrics = results.get("metrics") or {}
@@ -176,15 +213,15 @@ def model_card(name: str, base: Optional[str], settings: dict, results: dict) ->
     evaluations = [
         EvalResult(
             task_type=PIPELINE_TAGS.get(task_type, "text-classification"),
-            dataset_type=dataset["id"],
-            dataset_name=dataset.get("name", dataset["id"]),
+            dataset_type=dataset.get("id") or "local",  # data that is not on the Hub: the card names it only
+            dataset_name=dataset.get("name") or dataset["id"],
             dataset_config=dataset.get("config"),
             dataset_split=dataset.get("split"),
             metric_type=metric,
             metric_value=value,
         )
         for metric, value in metrics.items()
-        if dataset.get("id")
+        if dataset.get("id") or dataset.get("name")
     ]
     data = ModelCardData(
         library_name="transformers",
@@ -202,8 +239,8 @@ def model_card(name: str, base: Optional[str], settings: dict, results: dict) ->
     lines = [
         f"# {name}",
         "",
-        f"{base or 'A model'} finetuned with {method}{trained_on} using poet-peft, with any adapter merged into the "
-        "weights: it loads with plain Transformers and needs no plugin.",
+        f"{base or 'A model'} {results.get('training', 'finetuned')} with {method}{trained_on} using poet-peft, with "
+        "any adapter merged into the weights: it loads with plain Transformers and needs no plugin.",
         "",
         "```python",
         f"from transformers import {AUTO_CLASSES.get(task_type, 'AutoModel')}, AutoTokenizer",
@@ -219,6 +256,12 @@ def model_card(name: str, base: Optional[str], settings: dict, results: dict) ->
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
+def _nested(out: Path, folder: Path) -> bool:
+    # Whether writing `out` (replacing it whole) would touch `folder`: the same folder, one inside it, or above it.
+    out, folder = out.resolve(), folder.resolve()
+    return out == folder or folder in out.parents or out in folder.parents
+
+
 def export_merged(
     adapter: PathLike,
     output_dir: PathLike,
@@ -232,15 +275,18 @@ def export_merged(
     HubPushError, says how to upload it later.
     """
     adapter, output_dir = Path(adapter), Path(output_dir)
-    if output_dir.resolve() == adapter.resolve() or output_dir.resolve() in adapter.resolve().parents:
-        raise ValueError(
-            f"--out {output_dir} would replace the adapter folder {adapter} it is made from: choose another"
-        )
+    if _nested(output_dir, adapter):
+        raise ValueError(f"--out {output_dir} would write into or over the adapter folder {adapter}: choose another")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"--out {output_dir} is a file: choose a folder")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty: choose another --out, or pass --overwrite")
-    model, settings, base = load_merged(adapter, base_model)
+    finetuned, settings, base = _load_finetuned(adapter, base_model)
+    if base and Path(base).exists() and _nested(output_dir, Path(base)):
+        raise ValueError(f"--out {output_dir} would write into or over the base model's folder {base}: choose another")
+    reference = _probe_outputs(finetuned)
+    model = finetuned.merge_and_unload() if isinstance(finetuned, PeftModel) else finetuned
+    raise_if_nonfinite(model.state_dict().items(), f"to export {adapter}")
     results = json.loads((adapter / EVAL_RESULTS).read_text()) if (adapter / EVAL_RESULTS).is_file() else {}
     tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base)
     # The card names a Hub id: the one the run recorded, or the base itself unless that is a local folder.
@@ -249,6 +295,7 @@ def export_merged(
     shutil.rmtree(partial, ignore_errors=True)
     try:
         model.save_pretrained(partial)  # safetensors, config.json and, for generative models, generation_config.json
+        _raise_unless_same_outputs(reference, _probe_outputs(type(model).from_pretrained(partial)), output_dir)
         tokenizer.save_pretrained(partial)
         if results:
             (partial / EVAL_RESULTS).write_text(json.dumps(results, indent=2))

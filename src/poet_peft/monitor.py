@@ -30,14 +30,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .ops.seeding import seeded_generator
 from .ops.spectral import hyperspherical_energy, principal_cosines, top_singular
+from .state_files import load_state, save_state
 
 SOURCES = ("weight", "grad", "momentum")
 PEFT_PREFIX = "base_model.model."
-MONITOR_STATE = "spectral_monitor.pt"
+MONITOR_STATE = "spectral_monitor"  # spectral_monitor.json + .safetensors in each checkpoint (state_files)
 
 
 def _relative_change(reference: torch.Tensor, current: torch.Tensor) -> float:
@@ -134,8 +136,9 @@ class SpectralMonitor:
         self.modules, self.optimizer = found, optimizer
         if self.source == "weight" and PartialState().is_main_process:  # only the main process measures
             for name, module in found.items():
-                if name not in self.initial_values:
-                    matrix = self._matrix(module)
+                matrix = self._matrix(module)
+                # A matrix holding NaN or inf gets its reference spectrum at its first finite measurement instead.
+                if name not in self.initial_values and torch.isfinite(matrix).all():
                     self.initial_values[name] = top_singular(matrix, self.topk, self._generator(name, 0))[1]
         return self
 
@@ -185,6 +188,7 @@ class SpectralMonitor:
                     metrics[f"{prefix}cos_{side}_max"] = cosines.max().item()
                     metrics[f"{prefix}cos_{side}_mean"] = cosines.mean().item()
             if self.source == "weight":
+                self.initial_values.setdefault(name, values.cpu())
                 metrics[prefix + "spectrum_drift"] = _relative_change(self.initial_values[name].to(values), values)
                 metrics[prefix + "hyperspherical_energy"] = hyperspherical_energy(matrix)
                 if hasattr(module, "orthogonality_errors"):
@@ -311,14 +315,32 @@ class MetricsLog:
             self.file.log(metrics, step)
 
 
+def summary_line(metrics: dict[str, float], step: int) -> str:
+    """One line about a measurement: how many matrices, the largest σ_max and spectrum drift, what it took."""
+    values = {
+        suffix: [v for k, v in metrics.items() if k.endswith("/" + suffix)]
+        for suffix in ("sigma_max", "spectrum_drift")
+    }
+    parts = [f"spectral monitor, step {step}: {len(values['sigma_max'])} matrices"]
+    if values["sigma_max"]:
+        parts.append(f"largest σ_max {max(values['sigma_max']):.4g}")
+    if values["spectrum_drift"]:
+        parts.append(f"largest spectrum drift {max(values['spectrum_drift']):.3g}")
+    nonfinite = sum(1 for key in metrics if key.endswith("/nonfinite"))
+    if nonfinite:
+        parts.append(f"{nonfinite} with NaN or inf")
+    return ", ".join(parts) + f" ({metrics.get('spec/seconds', 0.0):.2f} s)"
+
+
 class SpectralMonitorCallback(TrainerCallback):
     """Runs a SpectralMonitor inside transformers.Trainer: `trainer.add_callback(SpectralMonitorCallback(trainer, m))`.
 
     It binds the monitor to Trainer's model and optimizer, measures at step 0 and after every `every`-th optimizer
-    step (while gradients still exist), and logs through `trainer.log`, so every `report_to` integration and the
-    trainer state's log history get the metrics. With `report_to="none"` they also go to
-    `<output_dir>/spectral_metrics.jsonl`. Each checkpoint gets the monitor's state (`spectral_monitor.pt`), and a
-    resumed run continues the same series from it.
+    step (while gradients still exist), and logs as `trainer.log` does, so every `report_to` integration and the
+    trainer state's log history get the metrics, without touching Trainer's own logging; the console gets one line.
+    With `report_to="none"` they also go to `<output_dir>/spectral_metrics.jsonl`. Each checkpoint gets the
+    monitor's state (`spectral_monitor.json` and `.safetensors`, no pickle), and a resumed run continues the same
+    series from it.
     """
 
     def __init__(self, trainer, monitor: SpectralMonitor):
@@ -332,9 +354,9 @@ class SpectralMonitorCallback(TrainerCallback):
         if self.trainer.is_fsdp_enabled:
             raise ValueError("SpectralMonitorCallback reads whole weight matrices, which FSDP shards: use DDP.")
         self.monitor.bind(model, optimizer)
-        saved = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / MONITOR_STATE
-        if state.global_step and saved.is_file():
-            self.monitor.load_state_dict(torch.load(saved, weights_only=True))
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.global_step and (checkpoint / f"{MONITOR_STATE}.json").is_file():
+            load_state(self.monitor, checkpoint, MONITOR_STATE)
         if not args.report_to and state.is_world_process_zero:  # TrainingArguments turns "none" into []
             path = Path(args.output_dir) / "spectral_metrics.jsonl"
             self.file = JsonlLog(path, resume_step=state.global_step or None)
@@ -346,9 +368,7 @@ class SpectralMonitorCallback(TrainerCallback):
         """Save the monitor's state into the checkpoint Trainer just wrote."""
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            partial = folder / (MONITOR_STATE + ".partial")
-            torch.save(self.monitor.state_dict(), partial)
-            os.replace(partial, folder / MONITOR_STATE)
+            save_state(self.monitor, folder, MONITOR_STATE)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         """Measure right after the optimizer step, before Trainer zeroes the gradients."""
@@ -357,10 +377,19 @@ class SpectralMonitorCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         """Log what the step measured, now that Trainer counts the step."""
         if self.pending:
-            self._log(self.pending, state.global_step)
+            self._log(self.pending, args, state, control)
             self.pending = {}
 
-    def _log(self, metrics: dict, step: int) -> None:
-        self.trainer.log(dict(metrics))  # a copy: Trainer adds its epoch to what it is given
+    def _log(self, metrics: dict, args, state, control) -> None:
+        # What Trainer.log does (log history, then every callback's on_log: the report_to integrations), except
+        # that it would clear control.should_log, swallowing Trainer's own loss log due this step, and that the
+        # progress callbacks would print the whole dict of some thousand characters: a one-line summary instead.
+        logs = {**metrics, **({"epoch": state.epoch} if state.epoch is not None else {})}
+        state.log_history.append({**logs, "step": state.global_step})
+        for callback in self.trainer.callback_handler.callbacks:
+            if not isinstance(callback, (ProgressCallback, PrinterCallback, SpectralMonitorCallback)):
+                callback.on_log(args, state, control, logs=logs, model=self.trainer.model)
+        if state.is_world_process_zero:
+            print(summary_line(metrics, state.global_step))
         if self.file is not None:
-            self.file.log(metrics, step)
+            self.file.log(metrics, state.global_step)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .guards import raise_if_tied
 from .ops.orthogonal import random_orthogonal
 from .ops.seeding import seeded_generator
 from .ops.spectral import subspace_component, top_singular
@@ -126,14 +127,23 @@ def extract_principal(
     """
     if subspace not in SUBSPACES:
         raise ValueError(f"extract_principal: subspace={subspace!r} is not valid; use 'svd' or 'random'.")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"extract_principal: k={k!r} must be an integer rank ≥ 1.")
     found = matching_linears(model, targets)
     if not found:
         names = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if type(m) is nn.Linear})
+        form = (
+            " A string is a regex that must match a module's whole name (e.g. '.*q_proj'); pass names as a list "
+            f"(e.g. [{targets!r}])."
+            if isinstance(targets, str)
+            else ""
+        )
         raise ValueError(
-            f"extract_principal: no nn.Linear layer matches targets={targets!r}. This model's are named: "
+            f"extract_principal: no nn.Linear layer matches targets={targets!r}.{form} This model's are named: "
             f"{', '.join(names) or '(none)'}."
         )
     for name, linear in found:
+        raise_if_tied(model, f"{name}.weight", linear.weight, "extract_principal")
         if not 1 <= k <= min(linear.weight.shape):
             raise ValueError(
                 f"extract_principal: k={k} does not fit {name} ({linear.out_features}×{linear.in_features}); "

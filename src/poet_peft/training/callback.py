@@ -19,16 +19,20 @@ class POETCallback(TrainerCallback):
         self.clip_ramp_steps = clip_ramp_steps
         self.clip_ramp_start = clip_ramp_start
         self.schedule = None
-        self.max_grad_norm = None
+        self.max_grad_norm = None  # the user's clip norm, while a train() runs
+        self.ramped_norm = None  # what this callback last set it to
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Bind the schedule to the model and optimizer Trainer built."""
         self.schedule = MergeSchedule(model, optimizer, self.merge_every, self.clip_ramp_steps, self.clip_ramp_start)
+        if self.max_grad_norm is not None and args.max_grad_norm == self.ramped_norm:
+            # The last train() ended in an exception mid-ramp (Trainer calls no callback then): undo the ramp.
+            args.max_grad_norm = self.max_grad_norm
         self.max_grad_norm = args.max_grad_norm
 
     def on_step_begin(self, args, state, control, **kwargs):
         """Set this step's clip norm: lower just after a merge."""
-        args.max_grad_norm = self.schedule.clip_norm(self.max_grad_norm, state.global_step)
+        self.ramped_norm = args.max_grad_norm = self.schedule.clip_norm(self.max_grad_norm, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         """Merge when this optimizer step completes a period of merge_every."""
@@ -36,4 +40,4 @@ class POETCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         """Give Trainer back the user's max_grad_norm."""
-        args.max_grad_norm = self.max_grad_norm
+        args.max_grad_norm, self.max_grad_norm, self.ramped_norm = self.max_grad_norm, None, None

@@ -28,7 +28,8 @@ class StableDirections:
     `optimizer` is any optimizer that keeps Adam's `exp_avg` per parameter (torch AdamW/Adam, and Accelerate's
     wrapper of them). Call `after_step(step)` after each optimizer step; it returns the metrics on measurement
     steps, `{}` otherwise. The tracked subspaces are in `state_dict()`, so that a resumed run amplifies exactly
-    as an uninterrupted one (`accelerator.register_for_checkpointing(tracker)`).
+    as an uninterrupted one (`poet_peft.save_state(tracker, folder, name)` into each checkpoint,
+    `poet_peft.load_state` on resume).
     """
 
     def __init__(

@@ -36,8 +36,8 @@ def merge_and_reinit(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
     if any(layer.disable_adapters for layer in layers):
         warnings.warn("merge_and_reinit skipped: the POET adapters are disabled.", stacklevel=2)
         return 0
-    for layer in layers:  # all checked before any is merged, so a diverged run leaves every W0 as it was
-        layer.raise_if_diverged()
+    for layer in layers:  # all checked before any is merged, so a refused merge leaves every W0 as it was
+        layer.raise_unless_mergeable()
     for layer in layers:
         layer.merge_and_reinit()
     if optimizer is not None:

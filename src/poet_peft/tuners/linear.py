@@ -5,11 +5,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
 from peft.utils import _get_submodules
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from ..guards import raise_if_nonfinite, raise_if_tied
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
@@ -99,7 +106,43 @@ class LinearTuner(BaseTuner):
         for name, module in in_place_modules(model, config).items():
             for key, _ in module.named_parameters(prefix=name.replace("_fsdp_wrapped_module.", "")):
                 to_return[key] = state_dict[key]
+        raise_if_nonfinite(to_return.items(), "to save the adapter")
         return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # PEFT only warns about missing keys, and a half-loaded adapter computes something else than what was saved.
+        missing = sorted(cls._expected_adapter_keys(model, config, adapter_name) - remapped.keys())
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"The {cls.method} adapter {adapter_name!r} being loaded lacks {len(missing)} of the tensors this "
+                f"model expects ({shown}): the file is incomplete or was altered, or it was saved from another "
+                "model class (e.g. AutoModelForCausalLM, loaded here into AutoModel) or configuration. Nothing was "
+                "loaded."
+            )
+        return remapped
+
+    @classmethod
+    def _expected_adapter_keys(cls, model: nn.Module, config, adapter_name: str) -> set[str]:
+        """The state-dict keys a saved adapter of this tuner must hold for `model`: its layers' own tensors."""
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        keys = set(_filter_state_dict_by_key_prefixes(model.state_dict(), prefixes))
+        for name, module in in_place_modules(model, config).items():
+            keys.update(key for key, _ in module.named_parameters(prefix=name.replace("_fsdp_wrapped_module.", "")))
+        return keys
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
+        if merge:  # checked for every layer first, so that a broken adapter leaves the whole model as it was
+            tensors = [
+                (f"{name}.{key}", tensor)
+                for name, layer in self.model.named_modules()
+                if isinstance(layer, BaseTunerLayer)
+                for key, tensor in layer.state_dict().items()
+            ]
+            raise_if_nonfinite(tensors, "to merge")
+        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
 
     def initialize_injected(self, model: nn.Module, adapter_name: str) -> None:
         """What a tuner does to the wrapped layers once all are wrapped (weights it redraws, say); nothing here."""
@@ -116,13 +159,20 @@ class LinearTuner(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def check_wrappable(self, target: nn.Module, key: str) -> None:
-        """Raise a clear TypeError unless `target` is a Linear or Conv1D layer."""
+        """Raise a clear TypeError unless `target` is a Linear or Conv1D layer, ValueError if its weight is tied."""
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(
+                f"{self.method} cannot wrap {key}: it is already a {type(target).__module__}.{type(target).__name__} "
+                f"layer of another PEFT method. Merge that one first (model = model.merge_and_unload()), then add "
+                f"{self.method}."
+            )
         if not isinstance(target, SUPPORTED_LAYERS):
             raise TypeError(
                 f"{self.method} cannot wrap {key}: it is a {type(target).__name__}, and {self.method} wraps "
                 f"torch.nn.Linear and transformers Conv1D layers only. This model's are named: "
                 f"{linear_layer_names(self.model)}."
             )
+        raise_if_tied(self.model, f"{key}.weight", target.weight, self.method)
 
 
 def in_place_modules(model: nn.Module, config) -> dict[str, nn.Module]:

@@ -9,6 +9,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...ops.initialization import PROJECTIONS
+from ..config_checks import check_bool, normalize_module_names
 
 
 @dataclass
@@ -50,10 +51,7 @@ class ORAConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.ORA
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
-        )
+        normalize_module_names(self)
         if isinstance(self.fused_qkv_modules, str):
             self.fused_qkv_modules = [self.fused_qkv_modules]
         if self.init not in PROJECTIONS:
@@ -61,8 +59,7 @@ class ORAConfig(PeftConfig):
                 f"ORAConfig.init={self.init!r} is not an ORA initialisation; valid: "
                 f"{', '.join(map(repr, PROJECTIONS))}."
             )
-        if not isinstance(self.trainable_qk, bool):
-            raise ValueError(f"ORAConfig.trainable_qk={self.trainable_qk!r} must be True or False.")
+        check_bool(self, "trainable_qk")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"ORAConfig.seed={self.seed!r} must be an integer.")
         if self.layers_pattern and self.layers_to_transform is None:

@@ -10,6 +10,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ...guards import raise_if_nonfinite
 from ...ops.initialization import random_projection
 from ...ops.orthogonal import orthogonality_error
 from ...ops.seeding import seeded_generator
@@ -151,14 +152,13 @@ class ORALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         return self._base_forward_with(x, weight, bias)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write a fused layer's trained V rows into the base weight (Q/K are there already)."""
+        """Write a fused layer's trained V rows into the base weight (Q/K are there already); NaN or inf is refused."""
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.ora_config:
                 continue
             if name in self.ora_value_weight:
                 value = self.ora_value_weight[name]
-                if safe_merge and not torch.isfinite(value).all():
-                    raise ValueError(f"NaNs detected in the V weights of {self.layer_key}: adapter {name!r} is broken.")
+                raise_if_nonfinite([(f"the V weights of {self.layer_key} (adapter {name!r})", value)], "to merge")
                 stop = self.ora_projections[name][-1][1]
                 self._write_logical_weight(value, slice(stop, None))
                 if name in self.ora_value_bias:

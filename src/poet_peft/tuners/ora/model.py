@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ...guards import raise_if_nonfinite
 from ..linear import LinearTuner
 from .config import ORAConfig
 from .layer import ORALinear
@@ -139,9 +140,22 @@ class ORAModel(LinearTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         # Everything that trained, which is everything except the Q/K that the seed regenerates.
-        regenerated = set()
-        for name, layer in model.named_modules():
-            if isinstance(layer, ORALinear) and layer.fixed_parameters():
-                name = name.replace("_fsdp_wrapped_module.", "")
-                regenerated.update(f"{name}.base_layer.{part}" for part in ("weight", "bias"))
-        return {key: value for key, value in state_dict.items() if key not in regenerated}
+        regenerated = _regenerated_keys(model)
+        to_return = {key: value for key, value in state_dict.items() if key not in regenerated}
+        raise_if_nonfinite(to_return.items(), "to save the adapter")
+        return to_return
+
+    @classmethod
+    def _expected_adapter_keys(cls, model: nn.Module, config, adapter_name: str) -> set[str]:
+        """Everything an ORA adapter file holds: every tensor of the model but the regenerable Q/K."""
+        return set(model.state_dict()) - _regenerated_keys(model)
+
+
+def _regenerated_keys(model: nn.Module) -> set[str]:
+    # The state-dict keys of the fixed Q/K weights (and biases), which the seed draws again at load time.
+    keys = set()
+    for name, layer in model.named_modules():
+        if isinstance(layer, ORALinear) and layer.fixed_parameters():
+            name = name.replace("_fsdp_wrapped_module.", "")
+            keys.update(f"{name}.base_layer.{part}" for part in ("weight", "bias"))
+    return keys

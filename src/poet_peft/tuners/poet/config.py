@@ -10,6 +10,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...ops.initialization import INITIALIZATIONS
+from ..config_checks import check_bool, normalize_module_names
 
 MODES = ("bs", "fs")
 MEMORY_MODES = ("recompute", "store")
@@ -94,10 +95,8 @@ class POETConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.POET
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
-        )
+        normalize_module_names(self)
+        check_bool(self, "merge_orthogonalize")
         self._validate()
 
     def _validate(self) -> None:

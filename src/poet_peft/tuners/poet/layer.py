@@ -11,6 +11,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ...guards import raise_if_nonfinite
 from ...ops import kernels
 from ...ops.blocks import (
     BlockLayout,
@@ -78,6 +79,14 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
                 f"({', '.join(self._all_available_adapter_names())}). Use init_weights=None."
             )
         weight = self.get_base_layer().weight
+        if weight.device.type == "meta":
+            # Permutations drawn on meta would hold no values, and materialising the model later (to_empty) leaves
+            # them uninitialised: a silently different function.
+            raise ValueError(
+                f"POET cannot wrap {self.layer_key}: its weight is on the meta device (init_empty_weights), where "
+                "the permutations cannot be drawn. Build or load the base model with real weights first; "
+                "PeftModel.from_pretrained(..., low_cpu_mem_usage=True) then keeps the adapter's own loading lean."
+            )
         self.poet_config[adapter_name] = config
         self.poet_layouts[adapter_name] = layouts
         self.poet_R[adapter_name] = nn.Parameter(
@@ -265,15 +274,12 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
 
     # -- PEFT merge / unmerge -------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write R·W0·P into the base weight (PEFT's merge); `unmerge` restores W0 exactly."""
+        """Write R·W0·P into the base weight (PEFT's merge; NaN or inf is refused); `unmerge` restores W0 exactly."""
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.poet_R:
                 continue
-            merged = self.rotated_weight([name])
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"NaNs detected in the merged weights of {self.layer_key}: adapter {name!r} is broken."
-                )
+            merged = self.rotated_weight([name]).to(self.logical_weight().dtype)
+            raise_if_nonfinite([(f"the merged weight of {self.layer_key} (adapter {name!r})", merged)], "to merge")
             self._write_logical_weight(merged)
             self.merged_adapters.append(name)
 
@@ -293,9 +299,10 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         return self.rotated_weight([adapter_name]).to(weight.dtype) - weight
 
     # -- POET merge-then-reinitialize -----------------------------------------------------------------------
-    def raise_if_diverged(self) -> None:
-        """Raise FloatingPointError if an active adapter's skew parameters are not finite (training diverged)."""
-        for name in self._active_poet_adapters():
+    def raise_unless_mergeable(self) -> None:
+        """Raise before merge_and_reinit would fold non-finite rotations, or change an inactive adapter's function."""
+        active = self._active_poet_adapters()
+        for name in active:
             if not (torch.isfinite(self.poet_R[name]).all() and torch.isfinite(self.poet_P[name]).all()):
                 # Folding NaN or inf into W0 would destroy it for good: stop while every W0 is still intact.
                 raise FloatingPointError(
@@ -303,6 +310,14 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
                     "training diverged. No W0 was changed; lower the POET lr (or max_grad_norm) and resume from "
                     "an earlier checkpoint."
                 )
+        inactive = sorted(set(self.poet_R) - set(active))
+        if active and inactive:
+            raise ValueError(
+                f"POET cannot merge {self.layer_key}: folding the active adapter(s) {', '.join(active)} into W0 "
+                f"would change what the inactive adapter(s) {', '.join(inactive)} compute, since they build on the "
+                "same W0. No W0 was changed; delete them first (delete_adapter), or make them active too "
+                "(set_adapter([...])) so that they merge together."
+            )
 
     @torch.no_grad()
     def merge_and_reinit(self) -> None:
@@ -311,11 +326,15 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             raise RuntimeError(
                 f"{self.layer_key} is merged through PEFT's merge(); call unmerge() before merge_and_reinit()."
             )
-        self.raise_if_diverged()
+        self.raise_unless_mergeable()
         for name in self._active_poet_adapters():
             # Folded in float64: hundreds of merges must not add up rounding errors in W0's spectrum.
             orthogonalize = self.poet_config[name].merge_orthogonalize
-            self._write_logical_weight(self._with_base_spectrum(self.rotated_weight([name], orthogonalize)))
+            folded = self._with_base_spectrum(self.rotated_weight([name], orthogonalize))
+            folded = folded.to(self.logical_weight().dtype)
+            # A 16-bit W0 can overflow where a rotation gathers large entries: keep this layer's W0 and Q then.
+            raise_if_nonfinite([(f"the merged W0 of {self.layer_key} (adapter {name!r})", folded)], "to merge")
+            self._write_logical_weight(folded)
             self.poet_R[name].zero_()
             self.poet_P[name].zero_()
             self.poet_merge_count[name] += 1

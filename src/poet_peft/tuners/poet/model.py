@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ...guards import raise_unless_permutation
 from ..linear import LinearTuner
 from .layer import POETLinear
 
@@ -75,7 +76,8 @@ class POETModel(LinearTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         layers = {name: m for name, m in model.named_modules() if isinstance(m, POETLinear)}
-        for key in state_dict:
+        for key, tensor in state_dict.items():
+            _check_permutation(key, tensor, layers)
             name = key.removesuffix("." + BASE_WEIGHT)
             layer = layers.get(name, layers.get(name.removeprefix("base_model.model."))) if name != key else None
             others = set(layer.poet_config) - {adapter_name} if layer is not None else set()
@@ -86,3 +88,15 @@ class POETModel(LinearTuner):
                     f"{', '.join(sorted(others))} build on. Load it into a fresh base model instead."
                 )
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _check_permutation(key: str, tensor: torch.Tensor, layers: dict[str, POETLinear]) -> None:
+    # A permutation with a repeated index loads and silently computes another function; an out-of-range one fails
+    # later inside an index op. Check each saved one against the layer it is for.
+    for name, size_of in (("poet_perm_out", "out_features"), ("poet_perm_in", "in_features")):
+        if key.endswith("." + name):
+            path = key.removesuffix("." + name)
+            layer = layers.get(path, layers.get(path.removeprefix("base_model.model.")))
+            if layer is not None:
+                where = f"{key} in the adapter file (layer {layer.layer_key})"
+                raise_unless_permutation(tensor, getattr(layer, size_of), where)

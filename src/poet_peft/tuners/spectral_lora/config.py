@@ -8,6 +8,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ..config_checks import check_number, normalize_module_names
+
 MAGNITUDES = ("scalar", "vector")
 BACKBONES = ("pretrained", "frozen_random", "zero")
 
@@ -67,10 +69,11 @@ class SpectralLoRAConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.SPECTRAL_LORA
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
-        )
+        normalize_module_names(self)
+        check_number(self, "lora_alpha")
+        check_number(self, "lora_dropout")
+        if self.sigma_max is not None:
+            check_number(self, "sigma_max")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"SpectralLoRAConfig.r={self.r!r} must be an integer ≥ 1 (seed 002 uses 4 or 8).")
         if not self.lora_alpha > 0:

@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ...guards import raise_if_nonfinite
 from ...ops.initialization import random_projection
 from ...ops.seeding import seeded_generator
 from ...ops.spectral import low_rank_spectral_norm
@@ -155,14 +156,14 @@ class SpectralLoRALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the active branches into the base weight."""
+        """Add the active branches into the base weight; a NaN or inf result is refused, whatever safe_merge says."""
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.spectral_lora_config:
                 continue
             delta = self.get_delta_weight(name)
             weight = self.get_base_layer().weight
-            if safe_merge and not torch.isfinite(weight.data + delta).all():
-                raise ValueError(f"NaNs detected in the merged weight of {self.layer_key}: adapter {name!r} is broken.")
+            merged = weight.data + delta
+            raise_if_nonfinite([(f"the merged weight of {self.layer_key} (adapter {name!r})", merged)], "to merge")
             with torch.no_grad():
                 weight += delta
             self.merged_adapters.append(name)
