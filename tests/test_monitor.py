@@ -314,6 +314,16 @@ def test_trainer_callback_leaves_trainer_logging_as_it_was_and_prints_one_line(t
     assert all(len(line) < 160 and "largest σ_max" in line for line in printed)
 
 
+def test_a_second_trainer_run_in_the_same_folder_keeps_the_first_ones_metrics_aside(tmp_path):
+    for _ in range(2):
+        trainer = tiny_trainer(tiny_llama().train(), tmp_path, steps=2)
+        trainer.add_callback(poet_peft.SpectralMonitorCallback(trainer, poet_peft.SpectralMonitor("q_proj", every=2)))
+        trainer.train()
+    (earlier,) = tmp_path.glob("spectral_metrics.before-*.jsonl")
+    for path in (earlier, tmp_path / "spectral_metrics.jsonl"):
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 2]
+
+
 def test_trainer_callback_with_weights_measures_step_zero(tmp_path):
     trainer = tiny_trainer(get_peft_model(tiny_llama().train(), poet_peft.POETConfig(block=16)), tmp_path, steps=2)
     trainer.add_callback(poet_peft.SpectralMonitorCallback(trainer, poet_peft.SpectralMonitor("q_proj", every=2)))

@@ -284,3 +284,16 @@ def test_e4_names_a_string_target_as_a_regex_and_the_monitor_binds_to_a_nan_weig
     metrics = monitor.measure(0)
     assert metrics["spec/model.layers.0.self_attn.q_proj/nonfinite"] == 1.0
     assert "spec/model.layers.1.self_attn.q_proj/sigma_max" in metrics
+
+
+def test_a_second_adapter_with_other_targets_loads_beside_the_first(tmp_path, tokens):
+    model = get_peft_model(tiny_llama(), POETConfig(block=16, target_modules=["q_proj"]), adapter_name="a")
+    model.add_adapter("b", POETConfig(block=16, target_modules=["v_proj"], seed=1))
+    model.base_model.set_adapter("b")
+    randomize_skew(model, std=0.05)
+    expected = outputs(model, tokens)
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    fresh = get_peft_model(tiny_llama(), POETConfig(block=16, target_modules=["q_proj"]), adapter_name="a")
+    fresh.load_adapter(tmp_path / "b", adapter_name="b")
+    fresh.base_model.set_adapter("b")
+    assert torch.equal(outputs(fresh, tokens), expected)

@@ -359,6 +359,11 @@ class SpectralMonitorCallback(TrainerCallback):
             load_state(self.monitor, checkpoint, MONITOR_STATE)
         if not args.report_to and state.is_world_process_zero:  # TrainingArguments turns "none" into []
             path = Path(args.output_dir) / "spectral_metrics.jsonl"
+            if not state.global_step and path.is_file():
+                # A fresh train() over an earlier one, which Trainer allows: keep the earlier metrics beside it.
+                earlier = path.with_name(f"spectral_metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                os.replace(path, earlier)
+                print(f"spectral monitor: the earlier run's metrics moved to {earlier}")
             self.file = JsonlLog(path, resume_step=state.global_step or None)
         if state.global_step == 0:
             self.pending = self.monitor.after_step(0)

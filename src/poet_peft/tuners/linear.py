@@ -5,12 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    BaseTunerLayer,
-    _filter_state_dict_by_key_prefixes,
-    _get_tuner_state_dict_key_prefixes,
-)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import _get_submodules
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
@@ -80,6 +75,7 @@ class LinearTuner(BaseTuner):
         """BaseTuner.inject_adapter, undone if it fails halfway, then `initialize_injected` once every target is in."""
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            in_place_modules(model, self.peft_config[adapter_name])  # bad names refused before anything is redrawn
         except NoMatchingPeftModuleError as error:
             raise NoMatchingPeftModuleError(
                 f"{error} {self.method} wraps Linear and Conv1D layers; this model's are named: "
@@ -89,7 +85,6 @@ class LinearTuner(BaseTuner):
             _remove_adapter_layers(model, adapter_name, self.tuner_layer_cls)
             raise
         self.initialize_injected(model, adapter_name)
-        in_place_modules(model, self.peft_config[adapter_name])  # refuse bad names now
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -126,9 +121,18 @@ class LinearTuner(BaseTuner):
 
     @classmethod
     def _expected_adapter_keys(cls, model: nn.Module, config, adapter_name: str) -> set[str]:
-        """The state-dict keys a saved adapter of this tuner must hold for `model`: its layers' own tensors."""
-        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        keys = set(_filter_state_dict_by_key_prefixes(model.state_dict(), prefixes))
+        """The state-dict keys a saved adapter of this tuner must hold for `model`: the own tensors of the layers
+        that hold it (not another adapter's entries), and the modules it trains in place."""
+        keys = set()
+        for name, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer) and adapter_name in layer._all_available_adapter_names():
+                others = set(layer._all_available_adapter_names()) - {adapter_name}
+                path = name.replace("_fsdp_wrapped_module.", "")
+                keys.update(
+                    f"{path}.{key}"
+                    for key in layer.state_dict()
+                    if not key.startswith("base_layer.") and not others & set(key.split("."))
+                )
         for name, module in in_place_modules(model, config).items():
             keys.update(key for key, _ in module.named_parameters(prefix=name.replace("_fsdp_wrapped_module.", "")))
         return keys
