@@ -653,7 +653,7 @@ def save_merged_model(model: torch.nn.Module, state_dict: dict, tokenizer, desti
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
-    (partial / EVAL_RESULTS).write_text(json.dumps(record, indent=2))
+    (partial / EVAL_RESULTS).write_text(json.dumps(record, indent=2, default=sorted))  # sets (target_modules) as lists
     replace_folder(partial, destination)
 
 
@@ -676,12 +676,8 @@ def training_record(args: argparse.Namespace, model: torch.nn.Module, summary: d
         "training": "pretrained from scratch",
         "dataset": dataset,
         "metrics": metrics,
-        "hyperparameters": {**hyperparameters, "tokens": summary.get("tokens"), **_json_ready(peft_config)},
+        "hyperparameters": {**hyperparameters, "tokens": summary.get("tokens"), **peft_config},
     }
-
-
-def _json_ready(config: dict) -> dict:
-    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
