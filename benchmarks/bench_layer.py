@@ -9,9 +9,11 @@ first layer of a network), so a dense step is the forward x·Wᵀ and the weight
 flops over the dense step's on the path `forward_path="auto"` picks: the matmuls, the rotations
 (`poet_peft.ops.blocks.rotation_flops`) and Cayley–Neumann, so that the gap to the floor shows.
 
-Peak memory is measured at `--memory_tokens` per method in a fresh process: the peak resident set (CPU) or the
-peak allocated CUDA memory during three steps, minus what was held before the layer was built (so it counts the
-weights, gradients, optimizer state and activations, not the input).
+Peak memory is measured at `--memory_tokens` per method in a fresh process, during building the layer and three
+steps, beyond what was held before (so it counts the weights, gradients, optimizer state and activations, not the
+input): the bytes torch allocated at the peak (CUDA's max_memory_allocated; on a CPU the CPU allocator's own
+count, read from the profiler, which is what a GPU would show) and, on a CPU, the peak resident set, which also
+depends on how malloc hands freed memory back.
 
     python benchmarks/bench_layer.py --record benchmarks/RESULTS.md
 """
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from allocations import PeakAllocation
 from peft import LoraConfig, OFTConfig, get_peft_model
 from reporting import publish
 from tqdm.auto import tqdm
@@ -110,9 +113,10 @@ def cayley_products(device: torch.device) -> int:
 def poet_floor(method: Method, dim: int, tokens: int, input_grad: bool, products: int) -> Optional[float]:
     """POET's flops over the dense step's (4·tokens·d², 6· with --input_grad) on the path auto takes; None for others.
 
-    The extra flops are the rotations (`rotation_flops`; with memory_mode="recompute" the forward's rotations run
-    again, and the matmul where R acts on the outputs) plus building R and P by Cayley–Neumann: each of its matmuls
-    is 2b³ flops forward (twice when recomputing) and 4b³ backward per block.
+    The extra flops are the rotations (`rotation_flops`; with memory_mode="recompute" the input's and weight's
+    rotations run again, and the matmul where R acts on the outputs) plus building R and P by Cayley–Neumann: each
+    of its matmuls is 2b³ flops per block and build (three builds: the forward, the backward's, and the one its
+    gradient is taken through, a few blocks at a time) and 4b³ backward.
     """
     if method.poet is None:
         return None
@@ -124,7 +128,7 @@ def poet_floor(method: Method, dim: int, tokens: int, input_grad: bool, products
     sides = min(paths[path], key=cost)
     step = rotation_flops(layout, layout, tokens, *sides, True, input_grad, recompute)
     cubes = sum(count * size**3 for count, size in layout.groups)
-    cayley = 2 * (6 + 2 * recompute) * products * cubes  # R and P
+    cayley = 2 * (3 * 2 + 4) * products * cubes  # R and P
     return (step + cayley) / ((6 if input_grad else 4) * tokens * dim * dim)
 
 
@@ -185,28 +189,35 @@ def reset_peak_resident() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_memory_probe(row: Method, x: torch.Tensor, warm_dim: int) -> int:
-    """Bytes the method's layer, optimizer and three training steps held at their peak, beyond the input."""
+def peak_memory_probe(row: Method, x: torch.Tensor, warm_dim: int) -> tuple[int, Optional[int]]:
+    """Bytes the method's layer, optimizer and three training steps held at their peak, beyond the input: allocated
+    by torch (exact: CUDA's max_memory_allocated, or the CPU allocator's own count) and, on a CPU, resident."""
     dim, device = x.shape[1], x.device
     # A first step on a small warm_dim × warm_dim layer loads the code and thread pools of every op the method
     # uses, which would otherwise count against it.
     training_step(row.wrap(OneLinear(warm_dim), warm_dim).to(device), x[:16, :warm_dim].detach(), False)()
+
+    def run() -> None:
+        step = training_step(row.wrap(OneLinear(dim), dim).to(device), x, device.type == "cuda")
+        for _ in range(3):
+            step()
+        synchronize(device)
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    else:
-        reset_peak_resident()
-        before = resident_bytes()
-    step = training_step(row.wrap(OneLinear(dim), dim).to(device), x, device.type == "cuda")
-    for _ in range(3):
-        step()
-    synchronize(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) - before
-    return resident_bytes("VmHWM") - before
+        run()
+        return torch.cuda.max_memory_allocated(device) - before, None
+    reset_peak_resident()
+    before = resident_bytes()
+    run()
+    resident = resident_bytes("VmHWM") - before
+    with PeakAllocation() as allocated:
+        run()
+    return allocated.bytes, resident
 
 
-def peak_memory(method_index: int, args: argparse.Namespace, dim: int, tokens: int) -> int:
+def peak_memory(method_index: int, args: argparse.Namespace, dim: int, tokens: int) -> tuple[int, Optional[int]]:
     """Run `peak_memory_probe` in a fresh process, so that no other method's peak is counted."""
     command = [sys.executable, __file__, "--memory_probe", f"{method_index},{dim},{tokens}"]
     command += ["--blocks", *map(str, args.blocks), "--lora_rank", str(args.lora_rank)]
@@ -214,7 +225,7 @@ def peak_memory(method_index: int, args: argparse.Namespace, dim: int, tokens: i
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"memory probe {command} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -277,16 +288,20 @@ def main() -> None:
         f"{'bf16 autocast' if gpu else 'fp32'}, {time.perf_counter() - started:.0f} s",
         command,
         "",
-        "| d | tokens | method | ms per step | × dense | POET flop floor | peak memory (MiB) | × dense memory |",
-        "|---|---|---|---|---|---|---|---|",
+        "| d | tokens | method | ms per step | × dense | POET flop floor | peak allocated (MiB) | × dense memory "
+        "| peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (dim, tokens), (times, memory) in results.items():
         for row, ms, mem in zip(rows, times, memory):
             floor = poet_floor(row, dim, tokens, args.input_grad, cayley_products(device))
+            allocated, resident = mem or (None, None)
+            dense_allocated = max(memory[0][0], 1) if mem else 1
             lines.append(
                 f"| {dim} | {tokens} | {row.name} | {ms:.2f} | {ms / times[0]:.3f} | "
-                f"{'' if floor is None else f'{floor:.3f}'} | {'' if mem is None else f'{mem / 2**20:.1f}'} | "
-                f"{'' if mem is None else f'{mem / max(memory[0], 1):.2f}'} |"
+                f"{'' if floor is None else f'{floor:.3f}'} | {'' if mem is None else f'{allocated / 2**20:.1f}'} | "
+                f"{'' if mem is None else f'{allocated / dense_allocated:.2f}'} | "
+                f"{'' if resident is None else f'{resident / 2**20:.1f}'} |"
             )
     publish("\n".join(lines), args.record)
 

@@ -9,9 +9,11 @@ modules_to_save copies beside frozen originals), runs training steps on random t
   `optimizer.state`: AdamW's moments, GaLore's projected moments and projectors), and the tensors autograd saves
   for the backward that are not parameter or buffer storage (`torch.autograd.graph.saved_tensors_hooks`), each
   storage counted once;
-- the process's peak resident set, and how far it grew from before the model was built (on a GPU: the peak of
-  `torch.cuda.max_memory_allocated`);
-- the median time of the steps after a warm-up step (time only on a quiet machine).
+- the peak of the bytes torch allocated (`torch.cuda.max_memory_allocated` on a GPU; on a CPU the CPU
+  allocator's own count over building the model and the first two steps, read from the profiler);
+- the process's peak resident set, and how far it grew from before the model was built (on a GPU: the peak
+  allocated);
+- the median time of the steps after two warm-up steps (time only on a quiet machine).
 
 Every finished row is appended to --results as a JSON line and a rerun skips the rows already there, so a long
 sweep resumes where it stopped. The table of all rows asked for is printed (and appended to --record).
@@ -40,6 +42,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import run_clm  # noqa: E402
+from allocations import PeakAllocation  # noqa: E402
 from reporting import publish  # noqa: E402
 
 SHAPES = ("60m", "130m", "350m", "1b")  # the paper's architectures (ANCHORS), as run_clm builds them
@@ -100,6 +103,9 @@ def measure(row: dict) -> dict:
     )
     torch.manual_seed(0)
     before = peak_resident_mib()
+    # On a CPU the allocator's own peak is read over building the model and the first two steps (outside the timing).
+    allocation = contextlib.ExitStack()
+    allocated = allocation.enter_context(PeakAllocation()) if device.type == "cpu" else None
     method = run_clm.METHODS[args.method]
     model = method.wrap(run_clm.build_model(args, Vocabulary(row["vocab"])), args).to(device)
     optimizer = method.optimizer(method.param_groups(model, args))
@@ -115,7 +121,9 @@ def measure(row: dict) -> dict:
         return tensor
 
     counts, times = {}, []
-    for step in range(1 + row["steps"]):
+    # Step 0 is counted (saved tensors, gradients), steps 0 and 1 are watched by the allocation peak (from step 1 on
+    # the optimizer's state is there during the forward and backward), and the steps after them are timed.
+    for step in range(2 + row["steps"]):
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else contextlib.nullcontext()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -132,6 +140,8 @@ def measure(row: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+        if step == 1:
+            allocation.close()
     storage: dict[int, int] = {}
     tensor_bytes([*model.parameters(), *model.buffers()], storage)
     state: dict[int, int] = {}
@@ -141,9 +151,10 @@ def measure(row: dict) -> dict:
     return {
         **row,
         **counts,
+        "allocated_mib": torch.cuda.max_memory_allocated(device) / MIB if allocated is None else allocated.bytes / MIB,
         "peak_mib": peak,
         "growth_mib": peak - (0 if device.type == "cuda" else before),
-        "step_s": statistics.median(times[1:]) if len(times) > 1 else None,
+        "step_s": statistics.median(times[2:]) if len(times) > 2 else None,
         "torch": torch.__version__,
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
     }
@@ -165,25 +176,28 @@ def run_in_fresh_process(row: dict) -> dict:
 
 def table(rows: list[dict]) -> list[str]:
     """The Markdown table of the rows, each total also as a ratio to AdamW's at the same shape, batch and precision."""
-    adamw = {
-        (row["shape"], row["batch"], row["precision"]): sum(row[k] for k in KINDS)
-        for row in rows
-        if row["method"] == "adamw"
-    }
+    adamw = {(row["shape"], row["batch"], row["precision"]): row for row in rows if row["method"] == "adamw"}
     lines = [
         "| shape | batch | precision | method | params+buffers MiB | grads MiB | optimizer MiB | saved MiB | total MiB "
-        "| × AdamW | peak RSS MiB (growth) | step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| × AdamW | peak allocated MiB (× AdamW) | peak RSS MiB (growth) | step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         total = sum(row[k] for k in KINDS)
         reference = adamw.get((row["shape"], row["batch"], row["precision"]))
-        ratio = f"{total / reference:.2f}" if reference else "–"
+        ratio = f"{total / sum(reference[k] for k in KINDS):.2f}" if reference else "–"
+        allocated = row.get("allocated_mib")  # rows measured before this column have none
+        if allocated is None:
+            allocated_cell = "–"
+        elif reference and reference.get("allocated_mib"):
+            allocated_cell = f"{allocated:.0f} ({allocated / reference['allocated_mib']:.2f})"
+        else:
+            allocated_cell = f"{allocated:.0f}"
         cells = " | ".join(f"{row[kind] / MIB:.0f}" for kind in KINDS)
         step = f"{row['step_s']:.2f}" if row["step_s"] is not None else "–"
         lines.append(
             f"| {row['shape']} | {row['batch']} | {row['precision']} | `{row['method']}` | {cells} | {total / MIB:.0f} "
-            f"| {ratio} | {row['peak_mib']:.0f} ({row['growth_mib']:.0f}) | {step} |"
+            f"| {ratio} | {allocated_cell} | {row['peak_mib']:.0f} ({row['growth_mib']:.0f}) | {step} |"
         )
     return lines
 
@@ -196,7 +210,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"], help="bf16: autocast")
     parser.add_argument("--methods", nargs="+", default=METHODS, help="run_clm.py --method and its flags, quoted")
     parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step (0: no timing)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the two warm-up steps (0: no timing)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("memory_runs.jsonl"))
     parser.add_argument("--record", type=Path, help="append the result table to this Markdown file")

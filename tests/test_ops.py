@@ -179,6 +179,46 @@ def test_block_rotation_equals_its_dense_matrix(layout):
     assert torch.allclose(rotation.rotate_columns(columns.T.contiguous().T, transpose=True), matrix.T @ columns)
 
 
+@pytest.mark.parametrize("vectors", [80, 700])
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize(
+    "layout", [block_stochastic_layout(50, 8), fully_stochastic_layout(48, 0.3)], ids=["bs-remainder", "fs"]
+)
+def test_in_place_rotation_and_its_backward_equal_the_dense_matrix(layout, dim, transpose, dtype, vectors):
+    # The vectors of 48–50 coordinates are rotated in pieces of ≤ 4096 elements: 80 vectors make pieces of several
+    # blocks, 700 split each block's vectors into ranges. Every piece must land where it came from. bf16 data is
+    # rotated in the float64 blocks' dtype.
+    rotation = random_rotation(layout.dim, layout, seed=5)
+    matrix = dense(rotation).T if transpose else dense(rotation)
+    values = torch.randn(vectors, layout.dim, dtype=F64)
+    values = (values.T.contiguous() if dim == 0 else values).to(dtype)  # vectors along `dim`
+    center = torch.randn(layout.dim, dtype=F64) if dim == 1 else None
+    as_rows = (lambda t: t.double()) if dim == 1 else (lambda t: t.double().T)  # one vector per row
+    shift = 0 if center is None else center
+    expected = (as_rows(values) - shift) @ matrix.T + shift
+    rotated = rotation.rotate_(values.clone(), dim, transpose, center)
+    tolerance = 1e-13 if dtype == F64 else 1e-2
+    assert torch.allclose(as_rows(rotated), expected, atol=tolerance * 10)
+    # u = M·(v − c) + c per vector: dM = Σ du·(v − c)ᵀ, restricted to the blocks; dv = Mᵀ·du
+    grad = torch.randn_like(values)
+    full_grad = as_rows(grad).T @ (as_rows(values) - shift)
+    full_grad = full_grad.T if transpose else full_grad
+    through = grad.clone()
+    block_grads = rotation.backward_(through, values, dim, transpose, center)
+    start = 0
+    for group_grads, (count, size) in zip(block_grads, layout.groups):
+        for k in range(count):
+            index = rotation.perm[start + k * size : start + (k + 1) * size]
+            assert torch.allclose(group_grads[k], full_grad[index[:, None], index[None, :]], atol=tolerance * 100)
+        start += count * size
+    assert torch.allclose(as_rows(through), as_rows(grad) @ matrix, atol=tolerance * 10)
+    untouched = grad.clone()
+    rotation.backward_(untouched, values, dim, transpose, center, through=False)
+    assert torch.equal(untouched, grad)
+
+
 def test_permutation_gradient_is_the_inverse_gather():
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 9, dtype=F64, requires_grad=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,26 @@ from transformers.pytorch_utils import Conv1D
 
 import poet_peft
 from poet_peft import POETConfig
+
+
+def test_import_keeps_bitsandbytes_hub_kernel_warning_and_peft_deprecations_quiet():
+    # bitsandbytes (installed here for GaLore) logs, on CPUs with AVX512-BF16, that it could not fetch a Hub kernel;
+    # get_peft_model trips transformers' is_gradient_checkpointing FutureWarning. Neither is the user's business.
+    printed = run_fresh_python(
+        """
+        import logging, sys, warnings
+        logging.basicConfig(stream=sys.stdout)
+        import poet_peft
+        from peft import get_peft_model
+        from conftest import tiny_llama
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        with warnings.catch_warnings(record=True) as caught:  # the filters in place, recorded
+            get_peft_model(tiny_llama(), poet_peft.POETConfig(block=16))
+        print([str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)])
+        """,
+        cwd=Path(__file__).parent,
+    )
+    assert printed.strip() == "[]"
 
 
 def test_import_registers_poet_idempotently():

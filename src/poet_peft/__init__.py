@@ -4,12 +4,18 @@
 `get_peft_model(model, POETConfig(...))`, `PeftModel.from_pretrained` and the rest of PEFT's API work with them.
 """
 
+import logging
 import warnings
 
-from .registry import register_tuner
-from .tuners.ora import ORAConfig, ORALinear, ORAModel, ora_layers
-from .tuners.poet import POETConfig, POETLinear, POETModel, poet_layers, poet_parameters
-from .tuners.spectral_lora import (
+# PEFT imports bitsandbytes wherever it is installed (here only with the [bench]/[test] extras, for GaLore), and its
+# CPU backend then logs that it could not download an optional kernel from the Hub: noise for every POET user, on
+# a path nobody here takes. Set before the tuners import PEFT.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from .registry import register_tuner  # noqa: E402
+from .tuners.ora import ORAConfig, ORALinear, ORAModel, ora_layers  # noqa: E402
+from .tuners.poet import POETConfig, POETLinear, POETModel, poet_layers, poet_parameters  # noqa: E402
+from .tuners.spectral_lora import (  # noqa: E402
     SpectralLoRAConfig,
     SpectralLoRALinear,
     SpectralLoRAModel,

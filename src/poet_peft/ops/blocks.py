@@ -95,8 +95,9 @@ def rotation_flops(
     R (layout `left`, on the outputs) and P (`right`, on the inputs) each rotate the weight or the activations.
     Rotating one vector costs 2·Σb² flops: a side on the weight rotates the weight's other dimension's worth of
     vectors, a side on the activations rotates `tokens` of them. W0 is frozen. With `recompute` (the backward of
-    `recomputing_rotated_linear`) both rotations run again, and the matmul too where R acts on the outputs. The
-    Cayley–Neumann blocks cost the same on every path and are left out.
+    `rotated_linear` without `store`) the input's and the weight's rotations run again, and the matmul where R acts
+    on the outputs (R itself does not: its backward needs only its input). The Cayley–Neumann blocks cost the same
+    on every path and are left out.
     """
     matmul = 2 * tokens * left.dim * right.dim
     left_rotation = 2 * left.rotated_squares * (right.dim if left_on_weight else tokens)
@@ -110,8 +111,8 @@ def rotation_flops(
     # Each rotation: its blocks' gradient, plus the gradient through it where one is needed.
     through_left, through_right = _gradients_through(left_on_weight, right_on_weight, input_needs_grad)
     flops += left_rotation * (1 + through_left) + right_rotation * (1 + through_right)
-    if recompute:
-        flops += left_rotation + right_rotation + matmul * (not left_on_weight)
+    if recompute:  # the backward rebuilds the rotated input and weight, and the matmul where R acts on its output
+        flops += right_rotation + (left_rotation if left_on_weight else matmul)
     return flops
 
 
@@ -121,6 +122,8 @@ def rotation_flops(
 # ~290 ms and 117 M elements moved the rest (2.8 ns each, at 200 GFLOP/s). `forward_path="auto"` weighs the
 # permutations' data movement with it on the torch path (the CUDA kernels fuse their gathers).
 PERMUTED_ELEMENT_FLOPS = 512
+# `BlockRotation.rotate_` works on pieces of about 1/PIECES of a tensor, which bounds its temporaries.
+PIECES = 8
 
 
 def permuted_elements(
@@ -133,16 +136,19 @@ def permuted_elements(
     input_needs_grad: bool,
     recompute: bool = False,
 ) -> int:
-    """Elements the permutations move in one call: each side is gathered into block order and back, and in a
-    training backward its gradient once more, twice where a gradient passes through the rotation, and the forward's
-    two passes again with `recompute`. A side on the weight moves the weight's m·n elements per pass, a side on the
-    activations tokens·dim."""
+    """Elements the permutations move in one call: each side is gathered into block order and back; a training
+    backward gathers its gradient and its input once more, and puts the gradient back where one passes through the
+    rotation; with `recompute` the forward's two passes run again, except for R on the outputs (its backward needs
+    only its input, the matmul's output). A side on the weight moves the weight's m·n elements per pass, a side on
+    the activations tokens·dim."""
     through = _gradients_through(left_on_weight, right_on_weight, input_needs_grad)
-    passes_again = 2 * (training and recompute)
+    rerun = (left_on_weight, True)  # which sides a recomputing backward rotates again
     return sum(
-        (2 + passes_again + training * (1 + passes_through))
+        (2 + 2 * (training and recompute and again) + training * (2 + passes_through))
         * (left.dim * right.dim if on_weight else tokens * layout.dim)
-        for layout, on_weight, passes_through in zip((left, right), (left_on_weight, right_on_weight), through)
+        for layout, on_weight, passes_through, again in zip(
+            (left, right), (left_on_weight, right_on_weight), through, rerun
+        )
     )
 
 
@@ -214,22 +220,9 @@ class BlockRotation:
         dtype: torch.dtype | None = None,
     ) -> BlockRotation:
         """Rotation blocks from the flat vector of packed skew parameters, in `dtype` (default float32 or finer)."""
-        dtype = dtype or torch.promote_types(packed.dtype, torch.float32)
-        on_kernels = (
-            neumann_terms is not None
-            and dtype in (torch.float32, torch.float64)
-            and kernels.use_kernels(packed, layout.sizes)
-        )
-        blocks, start = [], 0
-        with _full_precision(packed):
-            for count, size in layout.groups:
-                stop = start + count * packed_size(size)
-                group = packed[start:stop].to(dtype).view(count, packed_size(size))
-                if on_kernels:
-                    blocks.append(kernels.cayley_neumann(group, size, neumann_terms))
-                else:
-                    blocks.append(rotation_from_skew(skew_from_packed(group, size), neumann_terms))
-                start = stop
+        blocks = [
+            _blocks_from_packed(group, size, neumann_terms, dtype) for group, size in _packed_groups(layout, packed)
+        ]
         return cls(layout, perm, blocks)
 
     def apply(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -283,6 +276,113 @@ class BlockRotation:
         rotated = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return permute(rotated, 0, self.inverse_perm, self.perm).to(matrix.dtype)
 
+    # -- in place, outside autograd (the hand-written backward of `rotated_linear`) ---------------------------
+    def _pieces(self, vectors: int):
+        """(group, first block, blocks, coordinates, vector range) pieces of at most about 1/16 of a tensor of
+        `vectors` vectors, so that rotating in place holds only a piece's worth of temporaries."""
+        budget = max(self.layout.dim * vectors // PIECES, 4096)
+        start = 0
+        for group, (count, size) in enumerate(self.layout.groups):
+            blocks_per_piece = max(1, min(count, budget // (size * vectors)))
+            vectors_per_piece = vectors if blocks_per_piece > 1 else max(1, min(vectors, budget // size))
+            for first in range(0, count, blocks_per_piece):
+                blocks = min(blocks_per_piece, count - first)
+                coordinates = self.perm[start + first * size : start + (first + blocks) * size]
+                for begin in range(0, vectors, vectors_per_piece):
+                    yield group, first, blocks, coordinates, slice(begin, min(vectors, begin + vectors_per_piece))
+            start += count * size
+
+    def _rotate_piece(self, piece: torch.Tensor, blocks: torch.Tensor, dim: int, transpose: bool) -> torch.Tensor:
+        # piece holds the gathered coordinates of `blocks` along `dim`: (n·b, vectors) for dim 0, (vectors, n·b) for 1
+        # bmm rather than einsum: einsum turns a single vector into an elementwise product, which no flop count sees
+        count, size = blocks.shape[0], blocks.shape[-1]
+        blocks = blocks.transpose(-1, -2) if transpose else blocks
+        if dim == 0:
+            return torch.bmm(blocks, piece.view(count, size, -1)).flatten(0, 1)
+        vectors = piece.unflatten(-1, (count, size)).transpose(0, 1)  # (n, vectors, b)
+        return torch.bmm(vectors, blocks.transpose(-1, -2)).transpose(0, 1).flatten(1)
+
+    def _on_kernels(self, matrix: torch.Tensor) -> bool:
+        return self.blocks[0].dtype == kernels.accumulator_dtype(matrix.dtype) and kernels.use_kernels(
+            matrix, self.layout.sizes
+        )
+
+    @torch.no_grad()
+    def rotate_(
+        self, matrix: torch.Tensor, dim: int, transpose: bool = False, center: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Rotate in place the vectors along `dim` of the 2-D `matrix` by this matrix (or its transpose).
+
+        dim=1 rotates each row (as `apply`), dim=0 each column (as `rotate_columns`). With `center` (a vector along
+        `dim`), v becomes center + M·(v − center), computed as v + (M − I)·(v − center) so that M = I changes
+        nothing. The arithmetic is in the blocks' dtype, a piece at a time.
+        """
+        blocks = self.blocks
+        if center is not None:
+            blocks = [b - torch.eye(b.shape[-1], dtype=b.dtype, device=b.device) for b in blocks]
+        if self._on_kernels(matrix):
+            rows = matrix if dim == 1 else matrix.t()
+            shifted = rows if center is None else rows - center
+            rotated = kernels.block_rotate(shifted, self.perm, blocks, transpose, center is None)
+            return rows.copy_(rotated) if center is None else rows.add_(rotated)
+        with _full_precision(matrix):
+            for group, first, count, coordinates, vectors in self._pieces(matrix.shape[1 - dim]):
+                view = matrix[:, vectors] if dim == 0 else matrix[vectors]
+                piece = view.index_select(dim, coordinates).to(blocks[0].dtype)
+                group_blocks = blocks[group][first : first + count]
+                if center is None:
+                    piece = self._rotate_piece(piece, group_blocks, dim, transpose)
+                else:
+                    piece = piece + self._rotate_piece(piece - center[coordinates], group_blocks, dim, transpose)
+                view.index_copy_(dim, coordinates, piece.to(matrix.dtype))
+        return matrix
+
+    @torch.no_grad()
+    def backward_(
+        self,
+        grad: torch.Tensor,
+        values: torch.Tensor,
+        dim: int,
+        transpose: bool = False,
+        center: Optional[torch.Tensor] = None,
+        through: bool = True,
+    ) -> list[torch.Tensor]:
+        """The blocks' gradients for `rotate_(values, dim, transpose, center)` given the result's gradient `grad`,
+        one (count, size, size) tensor per group; with `through`, `grad` becomes (in place) the gradient of the
+        values, Mᵀ·grad (M·grad for the transpose). For u = B·v summed over the vectors, dB = du·vᵀ (v·duᵀ for
+        u = Bᵀ·v), in the blocks' dtype."""
+        dtype = self.blocks[0].dtype
+        if self._on_kernels(grad):
+            # the kernel reads both operands as grad's dtype (a bf16 W0 beside a float32 gradient is cast)
+            pick = (lambda t: t.to(grad.dtype)) if dim == 1 else (lambda t: t.t().to(grad.dtype))
+            shifted = pick(values) if center is None else (pick(values) - center).to(grad.dtype)
+            counts, sizes = [count for count, _ in self.layout.groups], self.layout.sizes
+            block_grads = kernels.block_rotate_grad_blocks(shifted, pick(grad), self.perm, counts, sizes, transpose)
+            if through:
+                self.rotate_(grad, dim, not transpose)
+            return block_grads
+        block_grads = [torch.zeros_like(group) for group in self.blocks]
+        with _full_precision(grad):
+            for group, first, count, coordinates, vectors in self._pieces(grad.shape[1 - dim]):
+                grad_view = grad[:, vectors] if dim == 0 else grad[vectors]
+                grad_piece = grad_view.index_select(dim, coordinates).to(dtype)
+                value_piece = (values[:, vectors] if dim == 0 else values[vectors]).index_select(dim, coordinates)
+                value_piece = value_piece.to(dtype) if center is None else value_piece.to(dtype) - center[coordinates]
+                a, b = (value_piece, grad_piece) if transpose else (grad_piece, value_piece)
+                size = self.blocks[group].shape[-1]
+                if dim == 0:  # (n·b, vectors) pieces: dB = a·bᵀ per block
+                    a, b = a.view(count, size, -1), b.view(count, size, -1)
+                    block_grads[group][first : first + count] += torch.bmm(a, b.transpose(1, 2))
+                else:  # (vectors, n·b) pieces
+                    a, b = a.unflatten(-1, (count, size)), b.unflatten(-1, (count, size))
+                    block_grads[group][first : first + count] += torch.bmm(a.permute(1, 2, 0), b.transpose(0, 1))
+                if through:
+                    rotated = self._rotate_piece(
+                        grad_piece, self.blocks[group][first : first + count], dim, not transpose
+                    )
+                    grad_view.index_copy_(dim, coordinates, rotated.to(grad.dtype))
+        return block_grads
+
     def inverse(self) -> BlockRotation:
         """The exact inverse (blocks inverted in float64), for when the blocks are only nearly orthogonal."""
         blocks = [torch.linalg.inv(b.double()).to(b.dtype) for b in self.blocks]
@@ -291,6 +391,54 @@ class BlockRotation:
     def orthogonalized(self) -> BlockRotation:
         """The same rotation with every block replaced by its closest orthogonal matrix."""
         return BlockRotation(self.layout, self.perm, [nearest_orthogonal(b) for b in self.blocks])
+
+
+def _packed_groups(layout: BlockLayout, packed: torch.Tensor):
+    """(count, b(b−1)/2) views of the packed parameters of each group of blocks, with the groups' block sizes."""
+    start = 0
+    for count, size in layout.groups:
+        stop = start + count * packed_size(size)
+        yield packed[start:stop].view(count, packed_size(size)), size
+        start = stop
+
+
+def _blocks_from_packed(
+    packed: torch.Tensor, size: int, neumann_terms: int | None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """(count, size, size) rotation blocks from (count, b(b−1)/2) packed parameters, in `dtype` (float32 or finer
+    by default), by the CUDA kernel where it applies."""
+    dtype = dtype or torch.promote_types(packed.dtype, torch.float32)
+    with _full_precision(packed):
+        packed = packed.to(dtype)
+        if (
+            neumann_terms is not None
+            and dtype in (torch.float32, torch.float64)
+            and kernels.use_kernels(packed, [size])
+        ):
+            return kernels.cayley_neumann(packed, size, neumann_terms)
+        return rotation_from_skew(skew_from_packed(packed, size), neumann_terms)
+
+
+def packed_gradient(
+    layout: BlockLayout, packed: torch.Tensor, block_grads: list[torch.Tensor], neumann_terms: int | None
+) -> torch.Tensor:
+    """The gradient of the packed skew parameters given their blocks' gradients (one tensor per group).
+
+    Cayley–Neumann is differentiated a few blocks at a time, so that its autograd graph (several block-sized
+    tensors per block) never holds more than about 1/PIECES of all the blocks.
+    """
+    grad = torch.zeros_like(packed)
+    budget = max(layout.rotated_squares // PIECES, 1)
+    groups = zip(_packed_groups(layout, packed), _packed_groups(layout, grad), block_grads)
+    for (group, size), (group_grad, _), group_block_grads in groups:
+        step = max(1, budget // (size * size))
+        for first in range(0, group.shape[0], step):
+            leaf = group[first : first + step].detach().requires_grad_()
+            with torch.enable_grad():
+                blocks = _blocks_from_packed(leaf, size, neumann_terms, group_block_grads.dtype)
+                (chunk_grad,) = torch.autograd.grad(blocks, leaf, group_block_grads[first : first + step])
+            group_grad[first : first + step] = chunk_grad
+    return grad
 
 
 def rotation_pair(

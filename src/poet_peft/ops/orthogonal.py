@@ -39,14 +39,20 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
         return eye + skew
     coefficients = [1.0] + [2.0] * terms + [1.0]
     square = skew @ skew
+
+    def add_pair(result: torch.Tensor, constant: float, linear: float) -> torch.Tensor:
+        # result + constant·I + linear·Q, in place: no block-sized temporaries beside the matmuls' own
+        result.add_(skew, alpha=linear).diagonal(dim1=-2, dim2=-1).add_(constant)
+        return result
+
     if len(coefficients) % 2:  # the top power is even: c_top·Q² joins the innermost pair, without a matmul
-        result = coefficients[-3] * eye + coefficients[-2] * skew + coefficients[-1] * square
+        result = add_pair(square * coefficients[-1], coefficients[-3], coefficients[-2])
         remaining = coefficients[:-3]
     else:
-        result = coefficients[-2] * eye + coefficients[-1] * skew
+        result = add_pair(torch.zeros_like(skew), coefficients[-2], coefficients[-1])
         remaining = coefficients[:-2]
     for start in range(len(remaining) - 2, -1, -2):
-        result = remaining[start] * eye + remaining[start + 1] * skew + square @ result
+        result = add_pair(square @ result, remaining[start], remaining[start + 1])
     return result
 
 

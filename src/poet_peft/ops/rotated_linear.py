@@ -1,11 +1,11 @@
-"""R·W0·P·x + b as one autograd operation that saves what a dense linear saves (its input) and recomputes the rest.
+"""R·W0·P·x + b as one autograd operation whose forward and backward are written out, in place where they can be.
 
-A POET linear composed of ordinary differentiable ops keeps weight-sized rotated copies (weight-centric) or rotated
-activations (input-centric) alive until the backward, so it holds more memory than the dense layer it replaces.
-`recomputing_rotated_linear` saves only x and the (parameter) tensors it was given; its backward rebuilds the
-rotation blocks from the packed skew parameters, the rotated input and weight, and, where R acts on the outputs, the
-matmul's output, then differentiates through them. The matmul's own backward is written out, so the main matmul is
-not run again unless R sits on the outputs.
+Composed of ordinary differentiable ops, a POET linear keeps weight-sized rotated copies (weight-centric) or rotated
+activations (input-centric) alive until the backward, and its backward makes several more: it holds more memory
+than the dense layer it replaces. `rotated_linear` instead saves x and the (parameter) tensors it was given, and,
+only with `store`, the rotated tensors. Its backward rebuilds what was not stored and goes back through each
+rotation in place (`BlockRotation.backward_`), so that at its peak it holds two weight-sized temporaries (R·W0 and
+the gradient of R·W0·P) where a dense linear holds its weight's gradient beside the weight and AdamW's two moments.
 """
 
 from __future__ import annotations
@@ -17,9 +17,57 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from .blocks import BlockLayout, BlockRotation, rotate_weight, rotation_pair
+from .blocks import BlockLayout, BlockRotation, packed_gradient, rotation_pair
 
 Linear = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One rotation applied in place: `rotation` (or its transpose) on the vectors along `dim` of a 2-D tensor,
+    about `center` where it is given (R on the outputs of a biased layer)."""
+
+    rotation: BlockRotation
+    dim: int
+    transpose: bool = False
+    center: Optional[torch.Tensor] = None
+
+
+def run_steps(
+    steps: Sequence[Step], tensor: torch.Tensor, dtype: torch.dtype, keep_inputs: bool, in_place: bool = False
+):
+    """`tensor` in `dtype` after the steps in order, and, with `keep_inputs`, each step's input.
+
+    The result is a new tensor (`tensor` itself if there are no steps and its dtype is right) unless `in_place`,
+    which rotates `tensor` itself (already in `dtype`)."""
+    if not steps:
+        return tensor.to(dtype), []
+    result = tensor if in_place else tensor.to(dtype, copy=True)
+    inputs = []
+    for step in steps:
+        if keep_inputs:
+            inputs.append(tensor if not (inputs or in_place) else result.clone())
+        step.rotation.rotate_(result, step.dim, step.transpose, step.center)
+    return result, inputs
+
+
+def step_inputs(steps: Sequence[Step], tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The input of each step of `run_steps(steps, tensor, …)`, without running the last (the first is `tensor`)."""
+    if not steps:
+        return []
+    result, inputs = run_steps(steps[:-1], tensor, tensor.dtype, keep_inputs=True)
+    return inputs + [result]
+
+
+def steps_backward(steps: Sequence[Step], inputs: list[torch.Tensor], grad: torch.Tensor, input_needs_grad: bool):
+    """Gradients of each step's blocks, last step first, for `run_steps`; `grad` (which is overwritten) becomes
+    the gradient of the first input where it is needed. The inputs are dropped as they are used."""
+    block_grads = [None] * len(steps)
+    for index in reversed(range(len(steps))):
+        step, values = steps[index], inputs.pop()
+        through = index > 0 or input_needs_grad
+        block_grads[index] = step.rotation.backward_(grad, values, step.dim, step.transpose, step.center, through)
+    return block_grads, grad
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,36 +94,16 @@ class RotatedLinearPlan:
             for i, (layouts, perms, terms) in enumerate(zip(self.layouts, self.perms, self.neumann_terms))
         ]
 
-    def rotate_input(self, x: torch.Tensor, rotations) -> torch.Tensor:
-        """x·(P₁P₂)ᵀ where P acts on the activations (P₂ first), in the compute dtype."""
-        if not self.right_on_weight:
-            for _, right in reversed(rotations):
-                x = right.apply(x)
-        return x.to(self.compute_dtype)
-
-    def rotate_weight(self, weight: torch.Tensor, rotations) -> torch.Tensor:
-        """R₂R₁·W0·P₁P₂ restricted to the sides that act on the weight, in the compute dtype."""
-        weight = weight.to(self.compute_dtype)
-        if self.left_on_weight or self.right_on_weight:
-            for left, right in rotations:
-                weight = rotate_weight(
-                    weight, left if self.left_on_weight else None, right if self.right_on_weight else None
-                )
-        return weight
-
-    def rotate_output(self, result: torch.Tensor, bias: Optional[torch.Tensor], rotations) -> torch.Tensor:
-        """R applied to the matmul's output z + b where R acts on the activations: R·z + b."""
-        if not self.left_on_weight:
-            for left, _ in rotations:
-                # R·(u − b) + b written as u + (R − I)·(u − b): exact when R = I, so fresh adapters change nothing.
-                result = left.apply(result) if bias is None else result + left.apply_minus_identity(result - bias)
-        return result
-
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], packed) -> torch.Tensor:
-        """The whole call composed of differentiable ops (autograd keeps every intermediate it needs)."""
-        rotations = self.rotations(packed)
-        rotated_x, rotated_weight = self.rotate_input(x, rotations), self.rotate_weight(weight, rotations)
-        return self.rotate_output(self.linear(rotated_x, rotated_weight, bias), bias, rotations)
+    def steps(self, rotations, bias: Optional[torch.Tensor]) -> tuple[list[Step], list[Step], list[Step]]:
+        """The rotations on the input (P₂ first), on the weight (R₁·W0·P₁ first) and on the matmul's output."""
+        on_input = [] if self.right_on_weight else [Step(right, 1) for _, right in reversed(rotations)]
+        on_weight = []
+        for left, right in rotations:
+            on_weight += [Step(left, 0)] if self.left_on_weight else []
+            # row i of W·P is Pᵀ applied to row i of W
+            on_weight += [Step(right, 1, transpose=True)] if self.right_on_weight else []
+        on_output = [] if self.left_on_weight else [Step(left, 1, center=bias) for left, _ in rotations]
+        return on_input, on_weight, on_output
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, Optional[torch.dtype]]:
@@ -91,79 +119,103 @@ def _autocast(state: tuple[str, bool, Optional[torch.dtype]]):
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
 
 
-def _leaf(tensor: Optional[torch.Tensor], needs_grad: bool) -> Optional[torch.Tensor]:
-    return None if tensor is None else tensor.detach().requires_grad_(needs_grad)
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1, tensor.shape[-1])
 
 
-def _grad(leaf: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if leaf is None else leaf.grad
+def _rotated_operands(plan: RotatedLinearPlan, rotations, x, weight, bias, keep_inputs: bool):
+    """The rotated input and weight, each with its steps' inputs (if kept)."""
+    on_input, on_weight, _ = plan.steps(rotations, bias)
+    rotated_x, input_inputs = run_steps(on_input, _rows(x), plan.compute_dtype, keep_inputs)
+    rotated_weight, weight_inputs = run_steps(on_weight, weight, plan.compute_dtype, keep_inputs)
+    return rotated_x, input_inputs, rotated_weight, weight_inputs
 
 
-def _detached(rotation: BlockRotation) -> BlockRotation:
-    # The same rotation on detached copies of its blocks: each stage of the backward then ends at these leaves.
-    return BlockRotation(
-        rotation.layout, rotation.perm, [_leaf(block, block.requires_grad) for block in rotation.blocks]
-    )
-
-
-def _backward_into_leaves(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    pairs = [(out, grad.to(out.dtype)) for out, grad in zip(outputs, grads) if out.requires_grad]
-    if pairs:
-        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-
-
-class _RecomputingRotatedLinear(torch.autograd.Function):
+class _RotatedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: RotatedLinearPlan, x, weight, bias, *packed):
-        ctx.plan = plan
-        ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(x, weight, bias, *packed)
-        return plan.forward(x, weight, bias, packed)
+    def forward(ctx, plan: RotatedLinearPlan, store: bool, x, weight, bias, *packed):
+        # Detached, so that module hooks inside `plan.linear` (FlopCounterMode's, for one) see plain tensors.
+        x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
+        rotations = plan.rotations(packed)
+        _, _, on_output = plan.steps(rotations, bias)
+        rotated_x, input_inputs, rotated_weight, weight_inputs = _rotated_operands(
+            plan, rotations, x, weight, bias, keep_inputs=store
+        )
+        matmul = plan.linear(rotated_x, rotated_weight, bias)
+        ctx.plan, ctx.x_shape, ctx.autocast = plan, x.shape, _autocast_state(x.device.type)
+        stored = []
+        if store:
+            output, output_inputs = run_steps(on_output, matmul, matmul.dtype, keep_inputs=True)
+            stored = [rotated_x, rotated_weight, *input_inputs, *weight_inputs, *output_inputs]
+        else:
+            output, _ = run_steps(on_output, matmul, matmul.dtype, keep_inputs=False, in_place=True)
+        ctx.counts = (len(packed), len(input_inputs), len(weight_inputs)) if store else None
+        ctx.save_for_backward(x, weight, bias, *packed, *stored)
+        return output.view(*x.shape[:-1], output.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         plan = ctx.plan
-        x, weight, bias, *packed = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        with torch.enable_grad(), _autocast(ctx.autocast):
-            # The rotation blocks are rebuilt once and detached, so that the three stages below each free their
-            # graph as they go; their gradients are sent back through Cayley–Neumann at the end.
-            packed = [_leaf(q, need) for q, need in zip(packed, needs[4:])]
-            built = plan.rotations(packed)
-            blocks = [block for pair in built for rotation in pair for block in rotation.blocks]
-            rotations = [tuple(_detached(rotation) for rotation in pair) for pair in built]
-            block_leaves = [block for pair in rotations for rotation in pair for block in rotation.blocks]
-            x, weight, bias = _leaf(x, needs[1]), _leaf(weight, needs[2]), _leaf(bias, needs[3])
-            rotated_x, rotated_weight = plan.rotate_input(x, rotations), plan.rotate_weight(weight, rotations)
-            grad_matmul = grad_output
-            if not plan.left_on_weight:  # R acts on the matmul's output: recompute it, then go back through R
-                with torch.no_grad():
-                    matmul = plan.linear(rotated_x, rotated_weight, bias).requires_grad_()
-                output = plan.rotate_output(matmul, bias, rotations)
-                _backward_into_leaves([output], [grad_output])
-                grad_matmul = matmul.grad
-            # The matmul's backward by hand: x·Wᵀ + b gives dx = dz·W, dW = dzᵀ·x, db = Σ dz.
-            grad_rotated_x = grad_matmul @ rotated_weight.detach() if rotated_x.requires_grad else None
-            grad_rotated_weight = None
-            if rotated_weight.requires_grad:
-                flat_grad, flat_x = grad_matmul.reshape(-1, grad_matmul.shape[-1]), rotated_x.detach()
-                grad_rotated_weight = flat_grad.t() @ flat_x.reshape(-1, flat_x.shape[-1])
-            if bias is not None and bias.requires_grad:
-                matmul_bias_grad = grad_matmul.reshape(-1, grad_matmul.shape[-1]).sum(0).to(bias.dtype)
-                bias.grad = matmul_bias_grad if bias.grad is None else bias.grad + matmul_bias_grad
-            _backward_into_leaves([rotated_x, rotated_weight], [grad_rotated_x, grad_rotated_weight])
-            block_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in block_leaves]
-            _backward_into_leaves(blocks, block_grads)
-        return None, _grad(x), _grad(weight), _grad(bias), *(_grad(q) for q in packed)
+        x, weight, bias, *saved = ctx.saved_tensors
+        packed = saved[: len(ctx.needs_input_grad) - 5]
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[2:5]
+        # The blocks are rebuilt outside autograd; `packed_gradient` differentiates Cayley–Neumann at the end, when
+        # the weight-sized temporaries are gone, a few blocks at a time: its graph holds several block-sized tensors
+        # per block, together as much as the weight at b=256.
+        rotations = plan.rotations(packed)
+        with torch.no_grad(), _autocast(ctx.autocast):
+            on_input, on_weight, on_output = plan.steps(rotations, bias)
+            if ctx.counts is not None:  # stored by the forward
+                num_packed, num_input, num_weight = ctx.counts
+                rotated_x, rotated_weight, *inputs = saved[num_packed:]
+                input_inputs, weight_inputs = inputs[:num_input], inputs[num_input : num_input + num_weight]
+                output_inputs = inputs[num_input + num_weight :]
+            else:
+                rotated_x, input_inputs, rotated_weight, weight_inputs = _rotated_operands(
+                    plan, rotations, x, weight, bias, keep_inputs=True
+                )
+                output_inputs = (
+                    step_inputs(on_output, plan.linear(rotated_x, rotated_weight, bias)) if on_output else []
+                )
+            del saved
+            grad = _rows(grad_output)
+            # R acts about the bias (R·(z − b) + b with z = x·Wᵀ + b), so the bias's gradient is the output's.
+            grad_bias = grad.sum(0).to(bias.dtype) if needs_bias else None
+            output_grads, grad = steps_backward(on_output, output_inputs, grad.clone() if on_output else grad, True)
+            # The matmul's backward by hand: x·Wᵀ + b gives dx = dz·W, dW = dzᵀ·x.
+            grad_x = grad @ rotated_weight if (needs_x or on_input) else None
+            del rotated_weight
+            grad_weight = grad.t() @ rotated_x if (needs_weight or on_weight) else None
+            del rotated_x
+            del grad
+            weight_grads, grad_weight = steps_backward(on_weight, weight_inputs, grad_weight, needs_weight)
+            input_grads, grad_x = steps_backward(on_input, input_inputs, grad_x, needs_x)
+        grads_of = {}
+        for steps, grads in ((on_input, input_grads), (on_weight, weight_grads), (on_output, output_grads)):
+            grads_of.update({id(step.rotation): step_grads for step, step_grads in zip(steps, grads)})
+        # R₁, P₁, R₂, P₂, … as `packed`; the blocks themselves are let go before Cayley–Neumann's backward.
+        side_grads = [grads_of[id(rotation)] for pair in rotations for rotation in pair]
+        del rotations, on_input, on_weight, on_output, grads_of, input_grads, weight_grads, output_grads
+        layouts = [(layout, terms) for pair, terms in zip(plan.layouts, plan.neumann_terms) for layout in pair]
+        grad_packed = []
+        for (layout, terms), q, need in zip(layouts, packed, ctx.needs_input_grad[5:]):
+            block_grads = side_grads.pop(0)
+            grad_packed.append(packed_gradient(layout, q, block_grads, terms) if need else None)
+            del block_grads
+        grad_x = grad_x.view(ctx.x_shape).to(x.dtype) if needs_x else None
+        grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
+        return None, None, grad_x, grad_weight, grad_bias, *grad_packed
 
 
-def recomputing_rotated_linear(
+def rotated_linear(
     plan: RotatedLinearPlan,
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     packed: Sequence[torch.Tensor],
+    store: bool = False,
 ) -> torch.Tensor:
-    """`plan.forward(x, weight, bias, packed)` whose autograd saves only x (and the given parameters)."""
-    return _RecomputingRotatedLinear.apply(plan, x, weight, bias, *packed)
+    """R·W0·P·x + b as planned; autograd saves only x and the given tensors, and with `store` the rotated tensors
+    too (a faster backward for weight- or activation-sized tensors held until it runs)."""
+    return _RotatedLinear.apply(plan, store, x, weight, bias, *packed)

@@ -50,9 +50,11 @@ class POETConfig(PeftConfig):
     memory_mode: Literal["recompute", "store"] = field(
         default="recompute",
         metadata={
-            "help": "'recompute': a training step saves only the layer's input, as a dense linear does, and the "
-            "backward rebuilds the rotations (and the matmul's output where R acts on the activations); 'store' "
-            "keeps the rotated weight or activations for the backward instead."
+            "help": "'recompute': a training step saves only the layer's input, as a dense linear does; the "
+            "backward rebuilds the rotated input and weight (and the matmul's output where R acts on the "
+            "activations) and goes back through the rotations in place, so that a layer's peak stays under a dense "
+            "AdamW layer's. 'store' keeps the rotated weight or activations for the backward instead (one rotation "
+            "less per backward, weight- or activation-sized tensors held per layer)."
         },
     )
     base_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(

@@ -25,7 +25,7 @@ from ...ops.blocks import (
 )
 from ...ops.initialization import initial_weight
 from ...ops.orthogonal import orthogonality_error
-from ...ops.rotated_linear import RotatedLinearPlan, recomputing_rotated_linear
+from ...ops.rotated_linear import RotatedLinearPlan, rotated_linear
 from ...ops.seeding import seeded_generator
 from ..linear import LinearWeightMixin
 from .config import POETConfig
@@ -232,11 +232,7 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             linear=self._base_forward_with,
             compute_dtype=torch.promote_types(x.dtype, weight.dtype),  # a 16-bit W0 in a float32 model: float32
         )
-        if recompute:
-            result = recomputing_rotated_linear(plan, x, weight, bias, packed)
-        else:
-            result = plan.forward(x, weight, bias, packed)
-        return result.to(x.dtype)
+        return rotated_linear(plan, x, weight, bias, packed, store=training and not recompute).to(x.dtype)
 
     def rotation_sides(
         self,
@@ -278,7 +274,7 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.poet_R:
                 continue
-            merged = self.rotated_weight([name]).to(self.logical_weight().dtype)
+            merged = self.rotated_weight([name]).to(self.get_base_layer().weight.dtype)
             raise_if_nonfinite([(f"the merged weight of {self.layer_key} (adapter {name!r})", merged)], "to merge")
             self._write_logical_weight(merged)
             self.merged_adapters.append(name)
@@ -303,7 +299,8 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         """Raise before merge_and_reinit would fold non-finite rotations, or change an inactive adapter's function."""
         active = self._active_poet_adapters()
         for name in active:
-            if not (torch.isfinite(self.poet_R[name]).all() and torch.isfinite(self.poet_P[name]).all()):
+            skews = (self.poet_R[name], self.poet_P[name])
+            if not all(torch.isfinite(skew).all() for skew in skews):
                 # Folding NaN or inf into W0 would destroy it for good: stop while every W0 is still intact.
                 raise FloatingPointError(
                     f"POET cannot merge {self.layer_key}: adapter {name!r} has non-finite skew parameters, so "
@@ -331,7 +328,7 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             # Folded in float64: hundreds of merges must not add up rounding errors in W0's spectrum.
             orthogonalize = self.poet_config[name].merge_orthogonalize
             folded = self._with_base_spectrum(self.rotated_weight([name], orthogonalize))
-            folded = folded.to(self.logical_weight().dtype)
+            folded = folded.to(self.get_base_layer().weight.dtype)
             # A 16-bit W0 can overflow where a rotation gathers large entries: keep this layer's W0 and Q then.
             raise_if_nonfinite([(f"the merged W0 of {self.layer_key} (adapter {name!r})", folded)], "to merge")
             self._write_logical_weight(folded)
@@ -345,7 +342,7 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         # Rounding a 16-bit W0 after every merge moves its singular values a little each time, and the moves add up
         # (7e-3 of σ_max in 200 bf16 merges). POET keeps the spectrum in exact arithmetic, so put back the singular
         # values W0 had before its first merge: the error is then one rounding's, however many merges there are.
-        if self.logical_weight().dtype.itemsize >= 4:
+        if self.get_base_layer().weight.dtype.itemsize >= 4:
             return folded
         if not self.poet_base_spectrum.any():  # the first merge
             self.poet_base_spectrum.copy_(torch.linalg.svdvals(self.logical_weight().float()))
