@@ -278,7 +278,7 @@ class BlockRotation:
 
     # -- in place, outside autograd (the hand-written backward of `rotated_linear`) ---------------------------
     def _pieces(self, vectors: int):
-        """(group, first block, blocks, coordinates, vector range) pieces of at most about 1/16 of a tensor of
+        """(group, first block, blocks, coordinates, vector range) pieces of at most about 1/PIECES of a tensor of
         `vectors` vectors, so that rotating in place holds only a piece's worth of temporaries."""
         budget = max(self.layout.dim * vectors // PIECES, 4096)
         start = 0
@@ -301,6 +301,11 @@ class BlockRotation:
             return torch.bmm(blocks, piece.view(count, size, -1)).flatten(0, 1)
         vectors = piece.unflatten(-1, (count, size)).transpose(0, 1)  # (n, vectors, b)
         return torch.bmm(vectors, blocks.transpose(-1, -2)).transpose(0, 1).flatten(1)
+
+    @staticmethod
+    def _vector_range(matrix: torch.Tensor, dim: int, vectors: slice) -> torch.Tensor:
+        # the vectors along `dim` in `vectors`: a range of columns (dim 0) or of rows (dim 1), as a view
+        return matrix[:, vectors] if dim == 0 else matrix[vectors]
 
     def _on_kernels(self, matrix: torch.Tensor) -> bool:
         return self.blocks[0].dtype == kernels.accumulator_dtype(matrix.dtype) and kernels.use_kernels(
@@ -327,7 +332,7 @@ class BlockRotation:
             return rows.copy_(rotated) if center is None else rows.add_(rotated)
         with _full_precision(matrix):
             for group, first, count, coordinates, vectors in self._pieces(matrix.shape[1 - dim]):
-                view = matrix[:, vectors] if dim == 0 else matrix[vectors]
+                view = self._vector_range(matrix, dim, vectors)
                 piece = view.index_select(dim, coordinates).to(blocks[0].dtype)
                 group_blocks = blocks[group][first : first + count]
                 if center is None:
@@ -364,9 +369,9 @@ class BlockRotation:
         block_grads = [torch.zeros_like(group) for group in self.blocks]
         with _full_precision(grad):
             for group, first, count, coordinates, vectors in self._pieces(grad.shape[1 - dim]):
-                grad_view = grad[:, vectors] if dim == 0 else grad[vectors]
+                grad_view = self._vector_range(grad, dim, vectors)
                 grad_piece = grad_view.index_select(dim, coordinates).to(dtype)
-                value_piece = (values[:, vectors] if dim == 0 else values[vectors]).index_select(dim, coordinates)
+                value_piece = self._vector_range(values, dim, vectors).index_select(dim, coordinates)
                 value_piece = value_piece.to(dtype) if center is None else value_piece.to(dtype) - center[coordinates]
                 a, b = (value_piece, grad_piece) if transpose else (grad_piece, value_piece)
                 size = self.blocks[group].shape[-1]
