@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..guards import raise_if_nonfinite, raise_if_tied
+from ..sharding import copy_into, full_tensor, is_sharded
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
@@ -31,15 +32,25 @@ class LinearWeightMixin:
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)  # Conv1D stores its weight as (in, out)
         self.out_features, self.in_features = self.logical_weight().shape
 
-    def logical_weight(self) -> torch.Tensor:
-        """The base weight as an (out, in) matrix, whatever the base layer's storage convention."""
+    def _stored_logical_weight(self) -> torch.Tensor:
         weight = self.get_base_layer().weight
         return weight.t() if self.fan_in_fan_out else weight
 
+    def logical_weight(self) -> torch.Tensor:
+        """The base weight as an (out, in) matrix, whatever the base layer's storage convention; whole under FSDP2
+        (gathered from the ranks' shards outside the forward, so every rank must ask for it alike)."""
+        return full_tensor(self._stored_logical_weight())
+
     def _write_logical_weight(self, weight: torch.Tensor, rows: slice = slice(None)) -> None:
         # In place, so that optimizers, DDP buckets and tied references keep pointing at the same tensor.
+        stored = self._stored_logical_weight()
         with torch.no_grad():
-            self.logical_weight()[rows].copy_(weight)
+            if is_sharded(stored):  # FSDP2: this rank's shard of the whole new weight
+                whole = full_tensor(stored).clone()
+                whole[rows] = weight
+                copy_into(stored, whole)
+            else:
+                stored[rows].copy_(weight)
 
     def _base_forward_with(
         self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None

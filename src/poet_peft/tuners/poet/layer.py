@@ -27,6 +27,7 @@ from ...ops.initialization import initial_weight
 from ...ops.orthogonal import orthogonality_error
 from ...ops.rotated_linear import RotatedLinearPlan, rotated_linear
 from ...ops.seeding import seeded_generator
+from ...sharding import full_tensor
 from ..linear import LinearWeightMixin
 from .config import POETConfig
 
@@ -158,7 +159,7 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         return rotation_pair(
             self.poet_layouts[adapter_name],
             (self.poet_perm_out[adapter_name], self.poet_perm_in[adapter_name]),
-            (self.poet_R[adapter_name], self.poet_P[adapter_name]),
+            (full_tensor(self.poet_R[adapter_name]), full_tensor(self.poet_P[adapter_name])),
             self.poet_config[adapter_name].neumann_terms,
             dtype,
         )
@@ -299,7 +300,7 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
         """Raise before merge_and_reinit would fold non-finite rotations, or change an inactive adapter's function."""
         active = self._active_poet_adapters()
         for name in active:
-            skews = (self.poet_R[name], self.poet_P[name])
+            skews = (full_tensor(self.poet_R[name]), full_tensor(self.poet_P[name]))
             if not all(torch.isfinite(skew).all() for skew in skews):
                 # Folding NaN or inf into W0 would destroy it for good: stop while every W0 is still intact.
                 raise FloatingPointError(
