@@ -44,6 +44,8 @@ from run_utils import (
     check_positive,
     check_resume_arguments,
     check_tracker,
+    distribution_summary,
+    engage_fsdp2_on_cpu,
     load_checkpoint,
     local_file_extension,
     optimizer_steps,
@@ -657,6 +659,13 @@ def save_merged_model(model: torch.nn.Module, state_dict: dict, tokenizer, desti
     replace_folder(partial, destination)
 
 
+def whole_copy(args: argparse.Namespace, tokenizer, state_dict: dict) -> torch.nn.Module:
+    """The trained model rebuilt unsharded in this process from the full `state_dict` gathered under FSDP."""
+    model = METHODS[args.method].wrap(build_model(args, tokenizer), args)
+    model.load_state_dict(state_dict)
+    return model
+
+
 def training_record(args: argparse.Namespace, model: torch.nn.Module, summary: dict) -> dict:
     """What the model card says about the run: the method and its config, the data, the validation metrics."""
     method = {"poet": "POET", "ora": "ORA", "spectral_lora": "spectral LoRA", "lora": "LoRA", "galore": "GaLore"}
@@ -707,15 +716,22 @@ def train(args: argparse.Namespace) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    if args.method != "adamw" and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError(
-            f"--method {args.method} does not run under FSDP yet (POET's merges rewrite whole weights, which FSDP "
-            "shards; ORA's frozen Q/K are untested there). Use DDP (examples/configs/multi_gpu.yaml), or FSDP "
-            "with --method adamw."
+    engage_fsdp2_on_cpu(accelerator)
+    if args.method != "adamw" and accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise UsageError(
+            f"--method {args.method} runs under FSDP2 only (fsdp_version: 2, as in examples/configs/fsdp2.yaml): "
+            "FSDP1's flat parameters hide the whole W0 and Q that merges rewrite. Or use DDP "
+            "(examples/configs/multi_gpu.yaml)."
+        )
+    if args.method == "galore" and accelerator.distributed_type == DistributedType.FSDP:
+        raise UsageError(
+            "--method galore does not run under FSDP: its optimizer state holds GaLoreProjector objects, which "
+            "torch.distributed's optimizer state dict cannot gather for checkpoints. Use DDP "
+            "(examples/configs/multi_gpu.yaml) or one process."
         )
     whole_matrices = args.e4 != "none" or args.track_directions_every or args.spec_monitor
     if whole_matrices and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError(
+        raise UsageError(
             "--e4, --track_directions_every and --spec-monitor work on whole weight matrices, which FSDP shards: "
             "use DDP or one process."
         )
@@ -754,7 +770,9 @@ def train(args: argparse.Namespace) -> dict:
 
     method = METHODS[args.method]
     model = method.wrap(build_model(args, tokenizer), args)
-    accelerator.print(f"{parameter_summary(model)}; {threads} CPU threads per process")
+    accelerator.print(
+        f"{parameter_summary(model)}; {threads} CPU threads per process; {distribution_summary(accelerator)}"
+    )
     optimizer = method.optimizer(method.param_groups(model, args))
 
     batches_per_epoch = None if args.streaming else math.ceil(len(train_loader) / accelerator.num_processes)
@@ -907,6 +925,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(json.dumps(run["summary"], indent=2))
         if run["args"].attention == "default":
             model = accelerator.unwrap_model(run["model"])
+            if accelerator.distributed_type == DistributedType.FSDP:  # merging shards here would wait on the others
+                model = whole_copy(run["args"], run["tokenizer"], state_dict)
             record = training_record(run["args"], model, run["summary"])
             save_merged_model(model, state_dict, run["tokenizer"], output_dir / "model", record)
             print(f"Merged model and tokenizer saved to {output_dir / 'model'}")

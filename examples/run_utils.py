@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.utils import FullyShardedDataParallelPlugin
 
 import poet_peft
 from poet_peft.guards import raise_if_nonfinite
@@ -139,6 +140,33 @@ def set_cpu_threads(requested: Optional[int]) -> int:
         requested = int(exported) if exported.isdigit() and int(exported) > 1 else max(1, cores // local_processes)
     torch.set_num_threads(requested)
     return requested
+
+
+def engage_fsdp2_on_cpu(accelerator: Accelerator) -> None:
+    """Shard with FSDP2 on CPU processes too when the launch config asks for it (fsdp_version: 2).
+
+    Accelerate only engages FSDP on accelerators: on CPU it reads the same config as gloo DDP and every process
+    holds the whole model. FSDP2's `fully_shard` runs on gloo, so the state Accelerate would have set on a GPU
+    machine is set here (in both of its shared states, which it reads in different places) before `prepare`.
+    """
+    fsdp2_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp2_requested and os.environ.get("FSDP_VERSION") == "2":
+        if accelerator.distributed_type == DistributedType.MULTI_CPU:
+            PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+            accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
+def distribution_summary(accelerator: Accelerator) -> str:
+    """How the run is spread, e.g. "distributed: FSDP2 over 2 processes" or "distributed: one process"."""
+    if accelerator.num_processes == 1:
+        return "distributed: one process"
+    if accelerator.is_fsdp2:
+        kind = "FSDP2"
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        kind = "FSDP1"
+    else:
+        kind = "DDP"
+    return f"distributed: {kind} over {accelerator.num_processes} processes"
 
 
 def check_tracker(report_to: str) -> None:

@@ -25,6 +25,7 @@ import poet_peft
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_clm.py"
 CPU_DDP_CONFIG = ROOT / "examples" / "configs" / "cpu_ddp.yaml"
+FSDP2_CONFIG = ROOT / "examples" / "configs" / "fsdp2.yaml"
 sys.path.insert(0, str(ROOT / "examples"))
 import run_clm  # noqa: E402
 import run_utils  # noqa: E402
@@ -526,6 +527,64 @@ def test_two_process_accelerate_launch_keeps_ranks_identical_through_merges(cach
     assert series(metrics(tmp_path), "train/tokens")[-1] == (10, 10 * 2 * 8 * 128)  # both processes' batches
     # Each of the two processes takes half of this machine's cores, though accelerate launch exports one thread.
     assert f"{max(1, len(os.sched_getaffinity(0)) // 2)} CPU threads per process" in result.stdout
+
+
+def test_fsdp2_launch_shards_poet_and_trains_merges_resumes_and_exports_as_one_process(cache, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG)]
+    flags = [*NANO, "--max_train_steps", "10", "--merge_every", "3", "--logging_steps", "1", "--eval_steps", "10"]
+    sharded, single, resumed = tmp_path / "sharded", tmp_path / "single", tmp_path / "resumed"
+    ranks_script = str(ROOT / "tests" / "run_clm_ranks.py")
+    result = run_script(cache, sharded, *flags, "--checkpointing_steps", "5", launcher=[*launch, ranks_script])
+    # Accelerate alone would run gloo DDP here: on CPU run_clm.py engages FSDP2 itself.
+    assert "distributed: FSDP2 over 2 processes" in result.stdout
+    for rank in (0, 1):
+        held = json.loads((sharded / f"rank{rank}.json").read_text())
+        assert held["parameter_bytes"] <= 0.55 * held["model_parameter_bytes"]  # every tensor split over 2 ranks
+    ranks = [load_file(sharded / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert [name for name in ranks[0] if not torch.equal(ranks[0][name], ranks[1][name])] == []
+
+    # One process with the same global batch (the two ranks' batches of 8 are its batch of 16) and 3 merges.
+    run_script(cache, single, *flags, "--per_device_train_batch_size", "16", launcher=[sys.executable, ranks_script])
+    losses, reference = series(metrics(sharded), "train/loss"), series(metrics(single), "train/loss")
+    assert [step for step, _ in losses] == [step for step, _ in reference] == list(range(1, 11))
+    assert all(abs(a - b) <= 1e-5 * b for (_, a), (_, b) in zip(losses, reference))
+    whole = load_file(single / "rank0.safetensors")
+    assert [name for name, t in whole.items() if not t.is_floating_point() and not torch.equal(ranks[0][name], t)] == []
+    for name in [name for name in whole if name.endswith("base_layer.weight")]:  # W0, folded three times
+        assert (ranks[0][name].double() - whole[name].double()).abs().max() <= 1e-4 * whole[name].abs().max(), name
+
+    # Resumed from the sharded run's step-5 checkpoint: the same steps 6-10, and a plain merged export.
+    checkpoint = sharded / "checkpoints" / "step_5"
+    run_script(cache, resumed, *flags, "--resume_from_checkpoint", str(checkpoint), launcher=[*launch, str(SCRIPT)])
+    assert series(metrics(resumed), "train/loss") == losses[5:]
+    exported = load_file(resumed / "model" / "model.safetensors")
+    args = run_clm.parse_args(command(cache, resumed, *flags))
+    expected = run_clm.whole_copy(args, AutoTokenizer.from_pretrained(resumed / "model"), ranks[0])
+    expected = expected.merge_and_unload().state_dict()
+    assert exported.keys() == expected.keys()
+    assert all(torch.allclose(exported[name], expected[name], atol=1e-6) for name in exported)
+
+
+@pytest.mark.parametrize("method", ["ora", "spectral_lora"])
+def test_ora_and_spectral_lora_under_fsdp2_train_as_one_process(cache, tmp_path, method):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG), str(SCRIPT)]
+    flags = [*NANO, "--method", method, "--max_train_steps", "3", "--logging_steps", "1", "--eval_steps", "3"]
+    result = run_script(cache, tmp_path / "sharded", *flags, launcher=launch)
+    assert "distributed: FSDP2 over 2 processes" in result.stdout
+    run_script(cache, tmp_path / "single", *flags, "--per_device_train_batch_size", "16")
+    losses = [series(metrics(tmp_path / run), "train/loss") for run in ("sharded", "single")]
+    assert len(losses[0]) == len(losses[1]) == 3
+    assert all(abs(a - b) <= 1e-5 * b for (_, a), (_, b) in zip(*losses))
+    if method == "spectral_lora":  # the clamp acted, by the same σ on both ranks
+        assert max(value for _, value in series(metrics(tmp_path / "sharded"), "train/clamp_ratio_max")) > 1
+
+
+def test_galore_under_fsdp2_is_refused_in_one_line(cache, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG), str(SCRIPT)]
+    flags = command(cache, tmp_path, *NANO, "--method", "galore", "--max_train_steps", "1")
+    result = subprocess.run([*launch, *flags], capture_output=True, text=True, env=cache["env"], cwd=ROOT)
+    assert result.returncode != 0
+    assert "run_clm.py: error: --method galore does not run under FSDP" in result.stderr
 
 
 def test_the_readme_command_uses_every_core_under_accelerate_launch(cache, tmp_path):

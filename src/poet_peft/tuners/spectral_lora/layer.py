@@ -14,6 +14,7 @@ from ...guards import raise_if_nonfinite
 from ...ops.initialization import random_projection
 from ...ops.seeding import seeded_generator
 from ...ops.spectral import low_rank_spectral_norm
+from ...sharding import full_tensor
 from ..linear import LinearWeightMixin
 from .config import SpectralLoRAConfig
 
@@ -108,7 +109,8 @@ class SpectralLoRALinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
     @torch.no_grad()
     def spectral_norm(self, adapter_name: str) -> float:
         """σ_max(ΔW), exactly, from the r×r factors of B and A; raises if the branch holds NaN or inf."""
-        factors = (self._scaled_left(adapter_name), self.spectral_lora_A[adapter_name])
+        # Whole factors under FSDP2 (r rows or columns each), so that every rank clamps by the same σ.
+        factors = (full_tensor(self._scaled_left(adapter_name)), full_tensor(self.spectral_lora_A[adapter_name]))
         if not all(torch.isfinite(factor).all() for factor in factors):
             raise ValueError(
                 f"Spectral LoRA adapter {adapter_name!r} of {self.layer_key} has a non-finite branch (NaN or inf in "
