@@ -15,6 +15,10 @@ modules_to_save copies beside frozen originals), runs training steps on random t
   allocated);
 - the median time of the steps after two warm-up steps (time only on a quiet machine).
 
+With `--ranks N` a row runs as N processes (torchrun, gloo on a CPU) with FSDP2: `fully_shard` on every decoder
+layer and the model, as run_clm.py does under examples/configs/fsdp2.yaml; each rank takes its own batch, and the
+row reports rank 0's share (parameters, gradients and optimizer state are the rank's shards).
+
 Every finished row is appended to --results as a JSON line and a rerun skips the rows already there, so a long
 sweep resumes where it stopped. The table of all rows asked for is printed (and appended to --record).
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -44,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import run_clm  # noqa: E402
 from allocations import PeakAllocation  # noqa: E402
 from reporting import publish  # noqa: E402
+
+from poet_peft.sharding import is_sharded  # noqa: E402
 
 SHAPES = ("60m", "130m", "350m", "1b")  # the paper's architectures (ANCHORS), as run_clm builds them
 METHODS = [
@@ -77,6 +84,7 @@ def tensor_bytes(value, seen: dict[int, int]) -> None:
     """Add the storages of every tensor inside value (nested containers and plain objects such as GaLore's
     projectors) to seen, keyed by storage pointer."""
     if isinstance(value, torch.Tensor):
+        value = value.to_local() if is_sharded(value) else value  # FSDP2: the rank's own shard
         seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
     elif isinstance(value, dict):
         for item in value.values():
@@ -108,15 +116,21 @@ def measure(row: dict) -> dict:
     allocated = allocation.enter_context(PeakAllocation()) if device.type == "cpu" else None
     method = run_clm.METHODS[args.method]
     model = method.wrap(run_clm.build_model(args, Vocabulary(row["vocab"])), args).to(device)
+    sharded = row.get("ranks", 1) > 1
+    rank = shard(model, device) if sharded else 0
     optimizer = method.optimizer(method.param_groups(model, args))
-    tokens = torch.randint(0, row["vocab"], (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    generator = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, row["vocab"], (batch, length), generator=generator).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=row["precision"] == "bf16")
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not is_sharded(t)}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in own:
+        # Under FSDP2 a layer's parameters are gathered whole for its forward (and freed after it): parameter
+        # storage, like the unsharded run's, so not counted as saved.
+        gathered = {t.untyped_storage().data_ptr() for t in model.parameters() if not is_sharded(t)} if sharded else ()
+        if pointer not in own and pointer not in gathered:
             saved[pointer] = tensor.untyped_storage().nbytes()
         return tensor
 
@@ -160,14 +174,33 @@ def measure(row: dict) -> dict:
     }
 
 
+def shard(model: torch.nn.Module, device: torch.device) -> int:
+    """Join the torchrun group and shard `model` with FSDP2 as Accelerate's fsdp2.yaml would; returns the rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in model.modules():
+        if type(module).__name__ == "LlamaDecoderLayer":
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return dist.get_rank()
+
+
 def row_key(row: dict) -> tuple:
     """What identifies a row in the results file."""
-    return tuple(row[key] for key in ("shape", "batch", "precision", "method", "vocab", "device", "steps"))
+    fields = ("shape", "batch", "precision", "method", "vocab", "device", "steps")
+    return (*(row[key] for key in fields), row.get("ranks", 1))  # rows from before --ranks ran in one process
 
 
 def run_in_fresh_process(row: dict) -> dict:
     """`measure(row)` in a new Python process, so that its peak resident set is this row's alone."""
-    command = [sys.executable, __file__, "--row", json.dumps(row)]
+    launcher = [sys.executable]
+    if row.get("ranks", 1) > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(row["ranks"])]
+    command = [*launcher, __file__, "--row", json.dumps(row)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
         raise RuntimeError(f"row {row} failed:\n{result.stderr[-3000:]}")
@@ -176,7 +209,11 @@ def run_in_fresh_process(row: dict) -> dict:
 
 def table(rows: list[dict]) -> list[str]:
     """The Markdown table of the rows, each total also as a ratio to AdamW's at the same shape, batch and precision."""
-    adamw = {(row["shape"], row["batch"], row["precision"]): row for row in rows if row["method"] == "adamw"}
+
+    def group(row: dict) -> tuple:
+        return row["shape"], row["batch"], row["precision"], row.get("ranks", 1)
+
+    adamw = {group(row): row for row in rows if row["method"] == "adamw"}
     lines = [
         "| shape | batch | precision | method | params+buffers MiB | grads MiB | optimizer MiB | saved MiB | total MiB "
         "| × AdamW | peak allocated MiB (× AdamW) | peak RSS MiB (growth) | step s |",
@@ -184,7 +221,7 @@ def table(rows: list[dict]) -> list[str]:
     ]
     for row in rows:
         total = sum(row[k] for k in KINDS)
-        reference = adamw.get((row["shape"], row["batch"], row["precision"]))
+        reference = adamw.get(group(row))
         ratio = f"{total / sum(reference[k] for k in KINDS):.2f}" if reference else "–"
         allocated = row.get("allocated_mib")  # rows measured before this column have none
         if allocated is None:
@@ -195,8 +232,10 @@ def table(rows: list[dict]) -> list[str]:
             allocated_cell = f"{allocated:.0f}"
         cells = " | ".join(f"{row[kind] / MIB:.0f}" for kind in KINDS)
         step = f"{row['step_s']:.2f}" if row["step_s"] is not None else "–"
+        sharding = f", rank 0 of {row['ranks']} (FSDP2)" if row.get("ranks", 1) > 1 else ""
         lines.append(
-            f"| {row['shape']} | {row['batch']} | {row['precision']} | `{row['method']}` | {cells} | {total / MIB:.0f} "
+            f"| {row['shape']}{sharding} | {row['batch']} | {row['precision']} | `{row['method']}` | {cells} "
+            f"| {total / MIB:.0f} "
             f"| {ratio} | {allocated_cell} | {row['peak_mib']:.0f} ({row['growth_mib']:.0f}) | {step} |"
         )
     return lines
@@ -214,13 +253,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("memory_runs.jsonl"))
     parser.add_argument("--record", type=Path, help="append the result table to this Markdown file")
+    parser.add_argument(
+        "--ranks", type=int, default=1, help="processes sharing each row under FSDP2 (per-rank figures)"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     args = parser.parse_args()
     if args.row:
-        print(json.dumps(measure(json.loads(args.row))))
+        measured = measure(json.loads(args.row))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(measured))
         return
     wanted = [
         {"shape": s, "batch": b, "precision": p, "method": m, "vocab": args.vocab, "device": args.device, "steps": n}
+        | ({"ranks": args.ranks} if args.ranks > 1 else {})
         for s in args.shapes
         for b in args.batches
         for p in args.precisions

@@ -130,3 +130,14 @@ def test_bench_memory_counts_what_a_step_keeps_and_resumes(tmp_path):
     # A rerun prints the table again from the saved rows and measures nothing.
     assert run_benchmark(tmp_path, "bench_memory.py", *flags).count("| 60m |") == 6
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
+
+
+def test_bench_memory_under_fsdp2_reports_each_ranks_half(tmp_path):
+    flags = ["--batches", "1x64", "--steps", "0", "--ranks", "2", "--results", str(tmp_path / "runs.jsonl")]
+    text = run_benchmark(tmp_path, "bench_memory.py", *flags, "--methods", "adamw", "poet --block 256")
+    cells = ([cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines())
+    rows = {row[3].strip("`"): row for row in cells if len(row) == 13 and row[0] == "60m, rank 0 of 2 (FSDP2)"}
+    adamw, poet = rows["adamw"], rows["poet --block 256"]
+    # Half of LLaMA-60M's 100 MiB of parameters, of their gradients and of AdamW's 200 MiB of moments per rank.
+    assert adamw[4] == adamw[5] == "50" and adamw[6] == "100"
+    assert float(poet[9]) < 1 and float(poet[10].split("(")[1].rstrip(")")) < 1
