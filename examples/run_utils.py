@@ -383,6 +383,10 @@ def load_checkpoint(accelerator: Accelerator, output_dir: Path, checkpoint: Path
     Resuming from an earlier checkpoint than the run's last abandons the later ones: they move to
     checkpoints/abandoned/ (kept, never deleted), so that `latest` and --checkpoints_total_limit follow this run.
     """
+    try:
+        poet_peft.check_sharded_checkpoint(checkpoint)  # before Accelerate unpickles an FSDP2 checkpoint's metadata
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     accelerator.load_state(str(checkpoint))
     for name, helper in helpers.items():
         poet_peft.load_state(helper, checkpoint, name)

@@ -564,6 +564,16 @@ def test_fsdp2_launch_shards_poet_and_trains_merges_resumes_and_exports_as_one_p
     assert exported.keys() == expected.keys()
     assert all(torch.allclose(exported[name], expected[name], atol=1e-6) for name in exported)
 
+    # The checkpoint is sharded (torch.distributed.checkpoint, one file per rank) and its pickled metadata is
+    # vetted before Accelerate unpickles it: a planted one is refused in one line and never runs.
+    assert {path.name for path in (checkpoint / "pytorch_model_fsdp_0").iterdir()} >= {"__0_0.distcp", "__1_0.distcp"}
+    marker = tmp_path / "ran"
+    (checkpoint / "optimizer_0" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    resume = command(cache, tmp_path / "refused", *flags, "--resume_from_checkpoint", str(checkpoint))
+    refused = subprocess.run([*launch, str(SCRIPT), *resume], capture_output=True, text=True, env=cache["env"])
+    assert refused.returncode != 0 and not marker.exists()
+    assert "run_clm.py: error: " in refused.stderr and "is not torch.distributed.checkpoint metadata" in refused.stderr
+
 
 @pytest.mark.parametrize("method", ["ora", "spectral_lora"])
 def test_ora_and_spectral_lora_under_fsdp2_train_as_one_process(cache, tmp_path, method):

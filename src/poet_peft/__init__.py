@@ -40,7 +40,7 @@ from .principal import (  # noqa: E402
     matching_linears,
     principal_cores,
 )
-from .state_files import load_state, save_state  # noqa: E402
+from .state_files import check_sharded_checkpoint, load_state, save_state  # noqa: E402
 from .training import (  # noqa: E402
     MergeSchedule,
     POETCallback,
@@ -76,6 +76,7 @@ __all__ = [
     "SpectralMonitorCallback",
     "StableDirections",
     "add_param_group",
+    "check_sharded_checkpoint",
     "clamp_spectral_norms",
     "create_param_groups",
     "export_merged",

@@ -4,16 +4,63 @@ Accelerate's `register_for_checkpointing` saves custom objects as pickles and re
 `weights_only=False`, so a crafted checkpoint runs code on resume. `save_state(obj, folder, name)` writes
 `obj.state_dict()` as `name.safetensors` (its tensors) and `name.json` (everything else, with each tensor's key),
 and `load_state` reads them back into `obj.load_state_dict`; both files are data only.
+
+Sharded checkpoints (`torch.distributed.checkpoint`, which Accelerate writes under FSDP2) keep their tensors in
+files torch loads weights-only, but their `.metadata` is a plain pickle: `check_sharded_checkpoint` unpickles it
+first with only DCP's metadata classes and torch's sizes, dtypes and layouts allowed, and refuses anything else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+# What a torch.distributed.checkpoint `.metadata` names besides the classes of its metadata module.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: any other global stops it before it is looked up or called."""
+
+    def find_class(self, module: str, name: str):
+        """The class or function `module.name` if DCP metadata may name it; else UnpicklingError."""
+        # Looking a name up in these two modules runs nothing; any other module is refused before it is imported.
+        found = super().find_class(module, name) if module in ("torch", _DCP_METADATA_MODULE) else None
+        allowed = (
+            (module, name) in _DCP_METADATA_GLOBALS
+            or (module == "torch" and isinstance(found, torch.dtype))
+            or (module == _DCP_METADATA_MODULE and isinstance(found, type))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_sharded_checkpoint(folder: str | os.PathLike) -> None:
+    """Raise ValueError unless every `.metadata` under folder holds only torch.distributed.checkpoint metadata."""
+    for path in sorted(Path(folder).rglob(".metadata")):
+        try:
+            with path.open("rb") as file:
+                _MetadataUnpickler(file).load()
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{path} is not torch.distributed.checkpoint metadata (it names {error}): refusing to load the "
+                "checkpoint, whose pickle could run code when loaded."
+            ) from None
+        except Exception as error:  # truncated or foreign files fail in many ways inside pickle
+            raise ValueError(f"{path} is not readable torch.distributed.checkpoint metadata: {error}") from None
 
 
 def save_state(obj, folder: str | os.PathLike, name: str) -> None:
