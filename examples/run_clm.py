@@ -143,7 +143,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     method.add_argument("--mode", choices=["bs", "fs"], default="bs", help="POET's stochastic primitive")
     method.add_argument("--neumann_terms", type=int, default=3, help="Cayley–Neumann terms k")
-    method.add_argument("--merge_every", type=int, default=200, help="POET merge-then-reinitialize period T_m")
+    method.add_argument(
+        "--merge_every",
+        type=int,
+        default=poet_peft.POETConfig.merge_every,
+        help="POET merge-then-reinitialize period T_m",
+    )
     method.add_argument("--poet_lr", type=float, help="lr of POET's Q (default: the paper's 1e-3·256/b, 1e-3·(1/2)/f)")
     method.add_argument(
         "--memory_mode",

@@ -597,6 +597,10 @@ def test_galore_under_fsdp2_is_refused_in_one_line(cache, tmp_path):
     assert "run_clm.py: error: --method galore does not run under FSDP" in result.stderr
 
 
+def test_run_clm_merges_as_often_as_poet_config_and_the_official_code_by_default():
+    assert run_clm.parse_args([]).merge_every == poet_peft.POETConfig().merge_every == 200
+
+
 def test_the_readme_command_uses_every_core_under_accelerate_launch(cache, tmp_path):
     env = {key: value for key, value in cache["env"].items() if key != "OMP_NUM_THREADS"}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", str(SCRIPT)]

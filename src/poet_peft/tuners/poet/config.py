@@ -37,7 +37,7 @@ class POETConfig(PeftConfig):
         metadata={"help": "Neumann terms k in R = (I+Q)(I+Q+…+Q^k); None uses the exact Cayley transform."},
     )
     merge_every: Optional[int] = field(
-        default=400, metadata={"help": "T_m: merge-then-reinitialize every this many optimizer steps; None never."}
+        default=200, metadata={"help": "T_m: merge-then-reinitialize every this many optimizer steps; None never."}
     )
     merge_orthogonalize: bool = field(
         default=True,
@@ -130,7 +130,7 @@ class POETConfig(PeftConfig):
             isinstance(self.merge_every, int) and not isinstance(self.merge_every, bool) and self.merge_every >= 1
         ):
             raise ValueError(
-                f"POETConfig.merge_every={self.merge_every!r} is invalid: use an integer ≥ 1 (the paper uses 400) "
+                f"POETConfig.merge_every={self.merge_every!r} is invalid: use an integer ≥ 1 (the official code uses 200) "
                 "or None to never merge."
             )
         if self.init_weights is not None and self.init_weights not in INITIALIZATIONS:
