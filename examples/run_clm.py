@@ -92,6 +92,17 @@ MODEL_SIZES = {
     "350m": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_hidden_layers=24, lr=5e-3),
     "1b": dict(hidden_size=2048, intermediate_size=5376, num_attention_heads=32, num_hidden_layers=24, lr=1e-3),
 }
+# --recipe official: the official POET code's settings (Sphere-AI-Lab/poet at 0ac6599, the paper-era code:
+# scripts/benchmark_c4_poet/pretrain_poet_60m.sh and pretrain_poet_1b_normalized.sh; its POETAdamW then scales the
+# POET lr by 1). It has no POET script for 130m or 350m: those sizes, and the small ones, take 60m's settings (less
+# the block size below 60m). Flags given explicitly still win. The README's "Reproducing the official recipe" lists
+# every difference from the default recipe.
+OFFICIAL_RECIPES = {
+    "60m": dict(learning_rate=1e-2, poet_lr=2e-3, block=256, max_grad_norm=0.1, num_warmup_steps=0),
+    "1b": dict(learning_rate=5e-3, poet_lr=5e-4, block=512, max_grad_norm=1.0, num_warmup_steps=2000),
+}
+OFFICIAL_SHARED = dict(merge_every=200, weight_decay=0.0, min_lr_ratio=0.01)
+OFFICIAL_CLIP_RAMP_UNTIL = 2000  # the official gd_warmup_steps: no clip ramp after merges past this step
 # Outside the transformer-block linears everything trains in full with AdamW at the base lr, as in the paper.
 TRAINED_IN_FULL = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"]
 BLOCK_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -136,6 +147,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
     method = parser.add_argument_group("method")
     method.add_argument("--method", choices=sorted(METHODS), default="poet")
+    method.add_argument(
+        "--recipe",
+        choices=["default", "official"],
+        default="default",
+        help="official: the official POET code's lrs, clip, decay, warmup, its AdamW and capped clip ramp",
+    )
     method.add_argument(
         "--block",
         type=parse_block,
@@ -229,15 +246,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     output = add_output_arguments(parser, "out/run_clm")
     output.add_argument("--logging_steps", type=int, default=10)
     output.add_argument("--eval_steps", type=int, default=200, help="validate every N steps (and at the end)")
+    known, _ = parser.parse_known_args(argv)
+    if known.recipe == "official":
+        parser.set_defaults(**official_recipe(known.model_size))
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
+
+
+def official_recipe(model_size: str) -> dict:
+    """The flags --recipe official sets for a model size (see OFFICIAL_RECIPES)."""
+    recipe = {**OFFICIAL_RECIPES.get(model_size, OFFICIAL_RECIPES["60m"]), **OFFICIAL_SHARED}
+    if model_size not in ("60m", "130m", "350m", "1b"):
+        del recipe["block"]  # b=256 needs hidden ≥ 512: the small sizes keep their default block
+    return recipe
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject flag combinations that cannot work, naming the flags and what would."""
     if args.dataset_name and args.train_file:
         parser.error("pass either --dataset_name or --train_file, not both")
+    if args.recipe == "official" and args.method != "poet":
+        parser.error("--recipe official is the official POET code's recipe: use it with --method poet")
     if args.validation_file and not args.train_file:
         parser.error("--validation_file needs --train_file")
     if args.streaming and not args.dataset_name:
@@ -778,7 +808,15 @@ def train(args: argparse.Namespace) -> dict:
     accelerator.print(
         f"{parameter_summary(model)}; {threads} CPU threads per process; {distribution_summary(accelerator)}"
     )
-    optimizer = method.optimizer(method.param_groups(model, args))
+    groups = method.param_groups(model, args)
+    if args.recipe == "official":
+        optimizer = poet_peft.OfficialAdamW(groups, betas=(0.9, 0.999), eps=1e-6)
+        settings = ", ".join(f"--{key} {getattr(args, key)}" for key in official_recipe(args.model_size))
+        accelerator.print(
+            f"recipe official: {settings}; OfficialAdamW; clip ramp until step {OFFICIAL_CLIP_RAMP_UNTIL}"
+        )
+    else:
+        optimizer = method.optimizer(groups)
 
     batches_per_epoch = None if args.streaming else math.ceil(len(train_loader) / accelerator.num_processes)
     max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(
@@ -797,6 +835,8 @@ def train(args: argparse.Namespace) -> dict:
         model, optimizer, train_loader, eval_loader, lr_scheduler
     )
     hooks = method.step_hooks(model, optimizer)
+    if args.recipe == "official":
+        hooks.clip_ramp_until = OFFICIAL_CLIP_RAMP_UNTIL
     plain_model = accelerator.unwrap_model(model)
     switch = PrincipalSwitch(args, plain_model, optimizer, lr_scheduler)
     directions, helpers = None, {}  # objects whose state checkpoints carry beside Accelerate's

@@ -268,6 +268,68 @@ def test_merge_schedule_merges_on_period_and_ramps_the_clip():
         MergeSchedule(model, clip_ramp_start=0)
 
 
+def test_the_clip_ramp_stops_after_clip_ramp_until_as_the_official_gd_warmup_steps():
+    model = get_peft_model(tiny_llama(), POETConfig(block=16, merge_every=200))
+    capped = MergeSchedule(model, clip_ramp_until=2000)
+    # Official (model_utils.py, gd_warmup_steps 2000): ramps after the merges at 200 … 1800, a single 0.1× step
+    # after the one at 2000 (step 2000 itself is ≤ 2000), none after 2200.
+    assert [capped.clip_norm(1.0, step) for step in (200, 205, 1800, 2000, 2001, 2200, 2205)] == pytest.approx(
+        [0.1, 0.55, 0.1, 0.1, 1.0, 1.0, 1.0]
+    )
+    assert MergeSchedule(model).clip_norm(1.0, 2200) == pytest.approx(0.1)  # poet-peft's default: after every merge
+    with pytest.raises(ValueError, match="clip_ramp_until"):
+        MergeSchedule(model, clip_ramp_until=-1)
+
+
+def official_adamw_reference(param, grads, lr, betas, eps, weight_decay):
+    """The official POETAdamW's update in float64, written from its formula: eps on √v before bias correction,
+    decay after the update."""
+    p, m, v = param.double().clone(), torch.zeros_like(param, dtype=torch.float64), None
+    v = torch.zeros_like(m)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t) * m / (v.sqrt() + eps)
+        p = p - lr * weight_decay * p
+    return p
+
+
+def test_official_adamw_follows_the_official_formula_and_restarts_after_a_merge_reset():
+    torch.manual_seed(0)
+    start = torch.randn(6, 5)
+    grads = [torch.randn(6, 5) * 10.0**-k for k in range(6)]  # gradients shrinking towards eps
+    param = torch.nn.Parameter(start.clone())
+    optimizer = poet_peft.OfficialAdamW([param], lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+    for g in grads:
+        param.grad = g.clone()
+        optimizer.step()
+    expected = official_adamw_reference(start, grads, 1e-2, (0.9, 0.95), 1e-6, 0.1)
+    assert (param.double() - expected).abs().max() <= 1e-6 * expected.abs().max()
+    # torch's AdamW puts eps after the bias correction: with gradients far below eps (as Q's are right after a
+    # merge) its first steps are several times larger than the official ones.
+    tiny = [torch.randn(6, 5) * 1e-7 for _ in range(3)]
+    torch_param, ours = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    torch_adamw = torch.optim.AdamW([torch_param], lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0)
+    official = poet_peft.OfficialAdamW([ours], lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+    for g in tiny:
+        torch_param.grad, ours.grad = g.clone(), g.clone()
+        torch_adamw.step()
+        official.step()
+    assert (torch_param - start).abs().mean() > 3 * (ours - start).abs().mean()
+    tiny_reference = official_adamw_reference(start, tiny, 1e-2, (0.9, 0.95), 1e-6, 0.0)
+    assert (ours.double() - tiny_reference).abs().max() <= 1e-6 * start.abs().max()
+    # A merge forgets Q's moments and step (reset_optimizer_state): the next update is a first step again.
+    poet_peft.reset_optimizer_state(official, [ours])
+    before = ours.detach().clone()
+    ours.grad = grads[0].clone()
+    official.step()
+    first = official_adamw_reference(before, grads[:1], 1e-2, (0.9, 0.95), 1e-6, 0.0)
+    assert (ours.double() - first).abs().max() <= 1e-6 * first.abs().max()
+    with pytest.raises(ValueError, match="betas in"):
+        poet_peft.OfficialAdamW([ours], betas=(0.9, 1.0))
+
+
 class RandomTokens(torch.utils.data.Dataset):
     """Random token sequences: enough to drive Trainer's loop."""
 

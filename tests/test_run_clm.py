@@ -601,6 +601,24 @@ def test_run_clm_merges_as_often_as_poet_config_and_the_official_code_by_default
     assert run_clm.parse_args([]).merge_every == poet_peft.POETConfig().merge_every == 200
 
 
+def test_the_official_recipe_sets_the_official_flags_optimizer_and_trains(cache, tmp_path):
+    names = ["learning_rate", "poet_lr", "block", "max_grad_norm", "weight_decay", "merge_every", "num_warmup_steps"]
+    sixty = run_clm.parse_args(["--recipe", "official", "--model_size", "60m"])
+    assert [getattr(sixty, name) for name in names] == [1e-2, 2e-3, 256, 0.1, 0.0, 200, 0]
+    one_b = run_clm.parse_args(["--recipe", "official", "--model_size", "1b"])
+    assert [getattr(one_b, name) for name in names] == [5e-3, 5e-4, 512, 1.0, 0.0, 200, 2000]
+    assert run_clm.parse_args(["--recipe", "official", "--max_grad_norm", "0.5"]).max_grad_norm == 0.5  # flags win
+    assert run_clm.parse_args([]).max_grad_norm == 1.0 and run_clm.parse_args([]).weight_decay == 0.01
+    with pytest.raises(SystemExit):
+        run_clm.parse_args(["--recipe", "official", "--method", "adamw"])
+    flags = [*NANO, "--recipe", "official", "--max_train_steps", "4", "--merge_every", "2", "--logging_steps", "1"]
+    result = run_script(cache, tmp_path, *flags, "--eval_steps", "4")
+    assert "recipe official: --learning_rate 0.01, --poet_lr 0.002, --max_grad_norm 0.1" in result.stdout
+    assert "OfficialAdamW; clip ramp until step 2000" in result.stdout
+    losses = [loss for _, loss in series(metrics(tmp_path), "train/loss")]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+
+
 def test_the_readme_command_uses_every_core_under_accelerate_launch(cache, tmp_path):
     env = {key: value for key, value in cache["env"].items() if key != "OMP_NUM_THREADS"}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", str(SCRIPT)]

@@ -43,6 +43,7 @@ from .principal import (  # noqa: E402
 from .state_files import check_sharded_checkpoint, load_state, save_state  # noqa: E402
 from .training import (  # noqa: E402
     MergeSchedule,
+    OfficialAdamW,
     POETCallback,
     SpectralClampCallback,
     StableDirections,
@@ -63,6 +64,7 @@ __all__ = [
     "ORAConfig",
     "ORALinear",
     "ORAModel",
+    "OfficialAdamW",
     "POETCallback",
     "POETConfig",
     "POETLinear",

@@ -72,6 +72,7 @@ class MergeSchedule:
         merge_every: Optional[int] = None,
         clip_ramp_steps: int = 10,
         clip_ramp_start: float = 0.1,
+        clip_ramp_until: Optional[int] = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -83,8 +84,11 @@ class MergeSchedule:
                 f"clip_ramp_steps={clip_ramp_steps}, clip_ramp_start={clip_ramp_start} are invalid: "
                 "use clip_ramp_steps ≥ 0 (0 disables the ramp) and clip_ramp_start in (0, 1]."
             )
+        if clip_ramp_until is not None and clip_ramp_until < 0:
+            raise ValueError(f"clip_ramp_until={clip_ramp_until} is invalid: use a step count ≥ 0, or None.")
         self.clip_ramp_steps = clip_ramp_steps
         self.clip_ramp_start = clip_ramp_start
+        self.clip_ramp_until = clip_ramp_until
 
     def is_merge_step(self, step: int) -> bool:
         """Whether a merge follows optimizer step number `step` (1-based)."""
@@ -101,9 +105,12 @@ class MergeSchedule:
         """The gradient-clip norm for the next optimizer step: max_norm, or less in the first steps after a merge.
 
         Right after a merge the clip starts at clip_ramp_start·max_norm and rises linearly back to max_norm over
-        clip_ramp_steps steps, as in the official POET code (0.1 and 10 there).
+        clip_ramp_steps steps, as in the official POET code (0.1 and 10 there). With clip_ramp_until set, only
+        while step ≤ clip_ramp_until (the official code's gd_warmup_steps, 2000); after every merge otherwise.
         """
         if self.merge_every is None or step < self.merge_every:
+            return max_norm
+        if self.clip_ramp_until is not None and step > self.clip_ramp_until:
             return max_norm
         since_merge = step % self.merge_every
         if since_merge >= self.clip_ramp_steps:
