@@ -189,6 +189,57 @@ def test_block_rotation_gradcheck(device):
     assert torch.autograd.gradcheck(rotate, (packed, x), fast_mode=device.type == "cpu")
 
 
+def test_launches_split_rotation_blocks_over_the_grid_y_limit(device, monkeypatch):
+    # b=2 on a 151,936-wide vocabulary layer is 75,968 blocks, above CUDA's 65,535 for gridDim.y: they go in
+    # chunks. A limit of 2 makes 7 blocks take four launches; the results must equal one launch's.
+    layout = block_stochastic_layout(28, 4)  # 7 blocks of 4
+    perm, packed = random_rotation(layout, device)
+    x, grad_y = torch.randn(9, 28, device=device), torch.randn(9, 28, device=device)
+    packed_blocks = packed.view(7, -1)
+    results = []
+    for limit in (kernels.MAX_GRID_Y, 2):
+        monkeypatch.setattr(kernels, "MAX_GRID_Y", limit)
+        leaf = packed_blocks.clone().requires_grad_(True)
+        rotations = kernels.cayley_neumann(leaf, 4, 3)
+        leaf_x = x.clone().requires_grad_(True)
+        y = kernels.block_rotate(leaf_x, perm, [rotations], False, True)
+        (y * grad_y).sum().backward()
+        results.append((rotations.detach(), y.detach(), leaf.grad, leaf_x.grad))
+    for one_launch, chunked in zip(*results):
+        assert torch.isfinite(chunked).all() and torch.allclose(one_launch, chunked, atol=1e-6)
+
+
+def test_tiles_fit_shared_memory_and_impossible_blocks_are_refused():
+    # Every block the kernels take fits a tile in 47 KiB (48 KiB less sm_80+'s 1 KiB reserve), in every kernel's
+    # layout: one tile buffer (rotations, Cayley forward) or two (Cayley backward), float32 and float64.
+    for size in (2, 3, 31, 32, 64, 127, 128, 256, 500, kernels.MAX_BLOCK):
+        for buffers in (1, 2):
+            for element_bytes in (4, 8):
+                columns, depth = kernels._tile(size, buffers, element_bytes, 4096)
+                assert columns >= 1 and depth >= 1
+                assert size * (buffers * columns + depth) * element_bytes <= kernels.SHARED_MEMORY == 47 * 1024
+    # Through the public op a block of 8192 used to loop forever; now it is refused at once.
+    with pytest.raises(ValueError, match="a block of 8192 needs .* bytes of shared memory"):
+        kernels._tile(8192, 1, 4, 4096)
+
+
+def test_auto_falls_back_to_torch_when_the_kernels_do_not_build(monkeypatch):
+    # No NVRTC, no CUDA headers or too old a driver: the build fails, and "auto" must use torch, not raise at the
+    # first forward; "cuda" says why.
+    def failing_build(capability, name):
+        raise OSError("libnvrtc.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(kernels, "_kernel_function", failing_build)
+    assert kernels._kernel_build_error.__wrapped__((9, 0)) == (
+        "OSError: libnvrtc.so.13: cannot open shared object file"
+    )
+    monkeypatch.setattr(kernels, "_cupy_import_error", lambda: None)
+    monkeypatch.setattr(kernels, "_kernel_build_error", lambda capability: "OSError: libnvrtc.so.13 missing")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    launcher, reason = kernels._launcher_for(torch.device("cuda", 0))
+    assert launcher is None and reason == "the kernels do not build for this GPU (OSError: libnvrtc.so.13 missing)"
+
+
 def test_block_rotate_rejects_mismatched_inputs(device):
     layout = block_stochastic_layout(12, 4)
     perm, packed = random_rotation(layout, device)

@@ -21,7 +21,9 @@ import torch
 
 THREADS = 256  # POET_THREADS in the source
 MAX_OUTPUTS = 16  # POET_MAX_OUTPUTS: outputs of a tile per thread
-SHARED_MEMORY = 48 * 1024  # dynamic shared memory a block may use without opting in
+# Dynamic shared memory a block may use without opting in (48 KiB), less the 1 KiB sm_80+ reserve for the system.
+SHARED_MEMORY = 47 * 1024
+MAX_GRID_Y = 65_535  # CUDA's limit on gridDim.y, which counts rotation blocks: more are launched in chunks
 GRAD_TILE, GRAD_CHUNK = 32, 32  # POET_GRAD_TILE, POET_GRAD_CHUNK
 MAX_BLOCK = 512  # larger blocks (POET-FS) are dense GEMMs: cuBLAS through the torch path does them better
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -66,7 +68,7 @@ class CupyLauncher:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         stream = torch.cuda.current_stream(device)
         with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-            kernel = _compiled_module(torch.cuda.get_device_capability(device)).get_function(name)
+            kernel = _kernel_function(torch.cuda.get_device_capability(device), name)
             # DLPack refuses tensors that require grad (we are below autograd here, so detach is safe), and CuPy
             # has no bfloat16: 16-bit data travels as int16 words, which the kernels reinterpret.
             arguments = tuple(
@@ -87,6 +89,23 @@ def _compiled_module(capability: tuple[int, int]):
 
 
 @functools.lru_cache(maxsize=None)
+def _kernel_function(capability: tuple[int, int], name: str):
+    # Looked up once per kernel: CuPy's get_function builds a new function object on every call.
+    return _compiled_module(capability).get_function(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_build_error(capability: tuple[int, int]) -> Optional[str]:
+    """Why the kernels cannot be built for this GPU architecture (no NVRTC, no CUDA headers, an old driver), or None."""
+    try:
+        for name in KERNEL_NAMES:
+            _kernel_function(capability, name)
+    except Exception as error:  # CuPy raises its own CompileException, CUDARuntimeError, OSError, ImportError …
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
 def _cupy_import_error() -> Optional[str]:
     try:
         import cupy  # noqa: F401
@@ -102,6 +121,10 @@ def _launcher_for(device: torch.device) -> tuple[Optional[Launcher], str]:
     error = _cupy_import_error()
     if error is not None:
         return None, f"CuPy is not usable ({error}); install poet-peft[cuda]"
+    # Compiled (once, all kernels) before the first launch, so that "auto" falls back to torch where they cannot be.
+    error = _kernel_build_error(torch.cuda.get_device_capability(device))
+    if error is not None:
+        return None, f"the kernels do not build for this GPU ({error})"
     return CupyLauncher(), ""
 
 
@@ -151,6 +174,11 @@ def _tile(size: int, buffers: int, element_bytes: int, max_columns: int) -> tupl
     """(columns, depth) of a tile: `buffers` size×columns tiles and a size×depth slab fit in shared memory."""
     columns, depth = max(1, min(max_columns, THREADS * MAX_OUTPUTS // size)), 16
     while size * (buffers * columns + depth) * element_bytes > SHARED_MEMORY:
+        if columns == 1 and depth == 1:
+            raise ValueError(
+                f"a block of {size} needs {size * (buffers + 1) * element_bytes} bytes of shared memory in the "
+                f"smallest tile, more than the {SHARED_MEMORY} a kernel may use: use blocks of at most {MAX_BLOCK}"
+            )
         if depth > 4 or columns == 1:
             depth //= 2
         else:
@@ -193,6 +221,11 @@ def compile_kernels(arch: str) -> list[KernelResources]:
     return resources
 
 
+def _chunks(count: int) -> list[tuple[int, int]]:
+    """(first, count) of consecutive runs of at most MAX_GRID_Y rotation blocks: one launch each."""
+    return [(first, min(MAX_GRID_Y, count - first)) for first in range(0, count, MAX_GRID_Y)]
+
+
 # -- Cayley–Neumann ------------------------------------------------------------------------------------------
 def _check_packed(packed: torch.Tensor, size: int) -> None:
     if packed.dim() != 2 or packed.shape[1] != size * (size - 1) // 2:
@@ -211,9 +244,11 @@ def cayley_neumann(packed: torch.Tensor, size: int, terms: int) -> torch.Tensor:
     rotations = _new_output(packed, (packed.shape[0], size, size))
     columns, depth = _tile(size, 1, packed.element_size(), size)
     shared = size * (columns + depth) * packed.element_size()
-    grid = (math.ceil(size / columns), packed.shape[0], 1)
     name = f"cayley_neumann_forward<{_C_TYPES[packed.dtype]}>"
-    _launch(packed.device, name, grid, shared, [packed, rotations, size, terms, columns, depth])
+    for first, count in _chunks(packed.shape[0]):
+        blocks = slice(first, first + count)
+        grid = (math.ceil(size / columns), count, 1)
+        _launch(packed.device, name, grid, shared, [packed[blocks], rotations[blocks], size, terms, columns, depth])
     return rotations
 
 
@@ -229,9 +264,12 @@ def cayley_neumann_backward(packed: torch.Tensor, grad_rotations: torch.Tensor, 
     grad_packed = torch.zeros_like(packed)  # zeroed: the kernel adds the two halves of each entry atomically
     columns, depth = _tile(size, 2, packed.element_size(), size)
     shared = size * (2 * columns + depth) * packed.element_size()
-    grid = (math.ceil(size / columns), packed.shape[0], 1)
     name = f"cayley_neumann_backward<{_C_TYPES[packed.dtype]}>"
-    _launch(packed.device, name, grid, shared, [packed, grad_rotations, grad_packed, size, terms, columns, depth])
+    for first, count in _chunks(packed.shape[0]):
+        blocks = slice(first, first + count)
+        grid = (math.ceil(size / columns), count, 1)
+        args = [packed[blocks], grad_rotations[blocks], grad_packed[blocks], size, terms, columns, depth]
+        _launch(packed.device, name, grid, shared, args)
     return grad_packed
 
 
@@ -296,26 +334,19 @@ def block_rotate(
     covered = sum(count * size for count, size in zip(counts, sizes))
     _check_rotation_inputs(x, perm, blocks, covered)
     rows, dim = x.shape
+    perm = perm.contiguous()  # read by pointer
     y = _new_output(x)
     for group, (start, count, size) in zip(blocks, _groups(counts, sizes)):
         columns, depth = _tile(size, 1, group.element_size(), max(1, rows))
         shared = size * (columns + depth) * group.element_size()
-        grid = (math.ceil(rows / columns), count, 1)
-        args = [
-            x,
-            *x.stride(),
-            rows,
-            y,
-            *y.stride(),
-            perm,
-            start,
-            size,
-            group.contiguous(),
-            int(transpose),
-            columns,
-            depth,
-        ]
-        _launch(x.device, f"block_rotate<{_C_TYPES[x.dtype]}>", grid, shared, args)
+        group = group.contiguous()
+        for first, chunk in _chunks(count):
+            grid = (math.ceil(rows / columns), chunk, 1)
+            chunk_blocks = group[first : first + chunk]
+            args = [x, *x.stride(), rows, y, *y.stride(), perm, start + first * size, size, chunk_blocks]
+            _launch(
+                x.device, f"block_rotate<{_C_TYPES[x.dtype]}>", grid, shared, [*args, int(transpose), columns, depth]
+            )
     if covered < dim:  # POET-FS: coordinates outside the subset pass through (or are zero, for M − I)
         rest = perm[covered:]
         y.index_copy_(1, rest, x.index_select(1, rest) if keep_uncovered else x.new_zeros(rows, dim - covered))
@@ -335,18 +366,21 @@ def block_rotate_grad_blocks(
     rows = x.shape[0]
     # dL/dB[i][j] = Σₙ dy[n, π(i)]·x[n, π(j)] for y = B·x; for y = Bᵀ·x the roles of x and dy swap.
     a, b = (x, grad_y) if transpose else (grad_y, x)
+    perm = perm.contiguous()  # read by pointer
+    name = f"block_rotate_grad_blocks<{_C_TYPES[x.dtype]}>"
     grads = []
     for start, count, size in _groups(counts, sizes):
         tiles = math.ceil(size / GRAD_TILE)
         # Split the rows so that the GPU has enough blocks; the partial sums are added in a fixed order.
         splits = max(1, min(math.ceil(1024 / (tiles * tiles * count)), math.ceil(rows / (8 * GRAD_CHUNK))))
-        partial = _new_output(x, (splits, count, size, size), accumulator_dtype(x.dtype))
-        shared = 2 * GRAD_CHUNK * GRAD_TILE * partial.element_size()
-        args = [a, *a.stride(), b, *b.stride(), rows, perm, start, size, partial]
-        _launch(
-            x.device, f"block_rotate_grad_blocks<{_C_TYPES[x.dtype]}>", (tiles * tiles, count, splits), shared, args
-        )
-        grads.append(partial.sum(0))
+        chunk_grads = []
+        for first, chunk in _chunks(count):
+            partial = _new_output(x, (splits, chunk, size, size), accumulator_dtype(x.dtype))
+            shared = 2 * GRAD_CHUNK * GRAD_TILE * partial.element_size()
+            args = [a, *a.stride(), b, *b.stride(), rows, perm, start + first * size, size, partial]
+            _launch(x.device, name, (tiles * tiles, chunk, splits), shared, args)
+            chunk_grads.append(partial.sum(0))
+        grads.append(torch.cat(chunk_grads) if len(chunk_grads) > 1 else chunk_grads[0])
     return grads
 
 
