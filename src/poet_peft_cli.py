@@ -1,7 +1,9 @@
 """The `poet-peft` command.
 
 `poet-peft plot METRICS.jsonl [...] -o DIR` draws a run's spectral metrics; `poet-peft export --adapter DIR --out DIR`
-writes a merged, Hub-ready checkpoint of a finetuned adapter (`--push-to-hub REPO_ID` uploads it).
+writes a merged, Hub-ready checkpoint of a finetuned adapter (`--push-to-hub REPO_ID` uploads it);
+`poet-peft convert --from-poetx DIR --out DIR` turns a POET-X checkpoint into a base model and a PEFT POET adapter,
+and `--to-poetx ADAPTER` turns one back.
 
 A module beside the poet_peft package rather than inside it: importing poet_peft imports torch, PEFT and
 Transformers (seconds), which `--help` and a mistyped flag should not wait for.
@@ -38,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="where the merged model goes")
     export.add_argument("--push-to-hub", "--push_to_hub", dest="push_to_hub", metavar="REPO_ID", help="upload it")
     export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
+    convert = commands.add_parser(
+        "convert",
+        help="a POET-X (Sphere-AI-Lab/poet) checkpoint to a base model + PEFT POET adapter, or back",
+        description="--from-poetx writes OUT/base and OUT/adapter; --to-poetx writes OUT/model.safetensors in "
+        "POET-X's layout with config.json. Round trips are exact.",
+    )
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-poetx", "--from_poetx", dest="from_poetx", type=Path, help="a POET-X checkpoint folder")
+    source.add_argument("--to-poetx", "--to_poetx", dest="to_poetx", type=Path, help="a PEFT POET adapter folder")
+    convert.add_argument("--base", help="with --to-poetx: the base model; default: the one adapter_config.json names")
+    convert.add_argument("--out", type=Path, required=True, help="where the converted checkpoint goes")
     return parser
 
 
@@ -72,7 +85,20 @@ def export_command(args: argparse.Namespace) -> Path:
     return folder
 
 
-COMMANDS = {"plot": plot_command, "export": export_command}
+def convert_command(args: argparse.Namespace) -> Path:
+    """Convert in the direction asked and say where the result is."""
+    from poet_peft import convert_from_poetx, convert_to_poetx
+
+    if args.from_poetx:
+        base, adapter = convert_from_poetx(args.from_poetx, args.out)
+        print(f"Base model written to {base}, POET adapter to {adapter}")
+        return args.out
+    folder = convert_to_poetx(args.to_poetx, args.out, args.base)
+    print(f"POET-X checkpoint written to {folder}")
+    return folder
+
+
+COMMANDS = {"plot": plot_command, "export": export_command, "convert": convert_command}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -33,6 +33,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 from .export import HubPushError, export_merged, load_merged, save_finetuned  # noqa: E402
 from .glue_metric import load_glue_metric  # noqa: E402
 from .monitor import MetricsLog, SpectralMonitor, SpectralMonitorCallback  # noqa: E402
+from .poetx import convert_from_poetx, convert_to_poetx  # noqa: E402
 from .principal import (  # noqa: E402
     PrincipalLinear,
     extract_principal,
@@ -80,6 +81,8 @@ __all__ = [
     "add_param_group",
     "check_sharded_checkpoint",
     "clamp_spectral_norms",
+    "convert_from_poetx",
+    "convert_to_poetx",
     "create_param_groups",
     "export_merged",
     "extract_principal",
