@@ -333,6 +333,66 @@ def test_unsupported_work_falls_back_to_torch_or_says_why(monkeypatch, emulator)
         kernels.use_kernels(torch.randn(2, 8), [kernels.MAX_BLOCK + 1])
 
 
+class CountingLauncher:
+    """The emulator, counting launches."""
+
+    def __init__(self, emulator):
+        self.emulator, self.launches = emulator, 0
+
+    def launch(self, *args):
+        self.launches += 1
+        self.emulator.launch(*args)
+
+
+def test_auto_uses_the_kernels_only_where_they_were_measured_faster(monkeypatch, emulator):
+    launcher = CountingLauncher(emulator)
+    monkeypatch.setattr(kernels, "_launcher_for", lambda device: (launcher, ""))
+    monkeypatch.setattr(kernels, "_MEASURED", {})
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "auto")
+    layout = block_stochastic_layout(24, 8)
+    perm, packed = random_rotation(layout, "cpu")
+    timed = []
+
+    def timer(seconds):  # an injected clock that runs the work once: the kernels take seconds[0], torch seconds[1]
+        def measure(run):
+            run()
+            timed.append(run)
+            return seconds[len(timed) % 2 == 0]
+
+        return measure
+
+    x = torch.randn(10, 24)
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "torch")
+    expected = reference_rotation(BlockRotation.from_packed(layout, perm, packed, 3), x, transpose=False, keep=True)
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "auto")
+    monkeypatch.setattr(kernels, "TIMER", timer((2.0, 1.0)))  # torch faster
+    rotation = BlockRotation.from_packed(layout, perm, packed, neumann_terms=3)
+    assert relative_error(rotation.apply(x), expected) <= 1e-5
+    assert len(timed) == 4  # Cayley–Neumann and the rotation, each timed once on both paths
+    launches = launcher.launches
+    rotation.apply(x)
+    assert len(timed) == 4 and launcher.launches == launches  # the choice is kept: torch, no launch
+    monkeypatch.setattr(kernels, "_MEASURED", {})
+    monkeypatch.setattr(kernels, "TIMER", timer((1.0, 2.0)))  # the kernels faster
+    timed.clear()
+    rotation = BlockRotation.from_packed(layout, perm, packed, neumann_terms=3)
+    assert relative_error(rotation.apply(x), expected) <= 1e-5
+    launches = launcher.launches
+    assert relative_error(rotation.apply(x), expected) <= 1e-5 and launcher.launches == launches + 1
+    rotation.apply(torch.randn(40, 24))  # a larger size bucket is measured afresh
+    assert len(timed) == 6
+    # Rotating in place is timed on a copy: the matrix is rotated once, not also by the timing runs.
+    matrix = torch.randn(24, 6)
+    before = matrix.clone()
+    rotation.rotate_(matrix, dim=0)
+    assert len(timed) == 8 and relative_error(matrix, rotation.rotate_columns(before)) <= 1e-5
+    # Forced, the kernels run unmeasured.
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "cuda")
+    count = len(timed)
+    rotation.apply(torch.randn(200, 24))
+    assert len(timed) == count
+
+
 def test_wheel_ships_the_kernel_source(tmp_path):
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed here, so no wheel can be built without the network")

@@ -237,9 +237,23 @@ class BlockRotation:
     def _apply(
         self, x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool
     ) -> torch.Tensor:
-        if blocks[0].dtype == kernels.accumulator_dtype(x.dtype) and kernels.use_kernels(x, self.layout.sizes):
+        def on_kernels() -> torch.Tensor:
             rows = x.reshape(-1, x.shape[-1])  # a 2-D x (a transposed weight) goes as it is, strides and all
             return kernels.block_rotate(rows, self.perm, blocks, transpose, keep_uncovered).view(x.shape)
+
+        def on_torch() -> torch.Tensor:
+            return self._apply_on_torch(x, blocks, transpose, keep_uncovered)
+
+        work = f"rotate {'contiguous' if x.is_contiguous() else 'strided'} vectors"
+        if blocks[0].dtype == kernels.accumulator_dtype(x.dtype) and kernels.prefer_kernels(
+            x, self.layout.sizes, work, on_kernels, on_torch
+        ):
+            return on_kernels()
+        return on_torch()
+
+    def _apply_on_torch(
+        self, x: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool
+    ) -> torch.Tensor:
         permuted = permute(x.to(blocks[0].dtype), -1, self.perm, self.inverse_perm)
         pieces, start = [], 0
         equation = "...kj,kji->...ki" if transpose else "...kj,kij->...ki"
@@ -256,11 +270,21 @@ class BlockRotation:
 
     def rotate_columns(self, matrix: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """This matrix (or its transpose) times a 2-D `matrix` of shape (dim, k), in `matrix`'s dtype."""
-        blocks = self.blocks
-        if blocks[0].dtype == kernels.accumulator_dtype(matrix.dtype) and kernels.use_kernels(
-            matrix, self.layout.sizes
+
+        def on_kernels() -> torch.Tensor:
+            return kernels.block_rotate(matrix.transpose(0, 1), self.perm, self.blocks, transpose, True).transpose(0, 1)
+
+        def on_torch() -> torch.Tensor:
+            return self._rotate_columns_on_torch(matrix, transpose)
+
+        if self.blocks[0].dtype == kernels.accumulator_dtype(matrix.dtype) and kernels.prefer_kernels(
+            matrix, self.layout.sizes, "rotate columns", on_kernels, on_torch
         ):
-            return self.apply(matrix.transpose(0, 1), transpose).transpose(0, 1)
+            return on_kernels()
+        return on_torch()
+
+    def _rotate_columns_on_torch(self, matrix: torch.Tensor, transpose: bool) -> torch.Tensor:
+        blocks = self.blocks
         # Whole rows are gathered and rotated block by block by bmm on contiguous memory: on a CPU, gathering the
         # columns of a transposed weight (what `apply` would do) costs as much as the rotation itself.
         rows = permute(matrix.to(blocks[0].dtype), 0, self.perm, self.inverse_perm)
@@ -307,9 +331,23 @@ class BlockRotation:
         # the vectors along `dim` in `vectors`: a range of columns (dim 0) or of rows (dim 1), as a view
         return matrix[:, vectors] if dim == 0 else matrix[vectors]
 
-    def _on_kernels(self, matrix: torch.Tensor) -> bool:
-        return self.blocks[0].dtype == kernels.accumulator_dtype(matrix.dtype) and kernels.use_kernels(
-            matrix, self.layout.sizes
+    def _on_kernels(self, matrix: torch.Tensor, dim: int, transpose: bool) -> bool:
+        # Whether rotating `matrix` in place along `dim` (and its backward) goes to the kernels; measured, if it
+        # must be, on a copy, so that the timing runs leave `matrix` as it is.
+        if self.blocks[0].dtype != kernels.accumulator_dtype(matrix.dtype):
+            return False
+        copies = []
+
+        def scratch() -> torch.Tensor:
+            copies.append(copies[0] if copies else matrix.clone())
+            return copies[0]
+
+        return kernels.prefer_kernels(
+            matrix,
+            self.layout.sizes,
+            f"rotate in place along dim {dim}",
+            lambda: self._rotate_on_kernels_(scratch(), self.blocks, dim, transpose, None),
+            lambda: self._rotate_on_torch_(scratch(), self.blocks, dim, transpose, None),
         )
 
     @torch.no_grad()
@@ -325,11 +363,25 @@ class BlockRotation:
         blocks = self.blocks
         if center is not None:
             blocks = [b - torch.eye(b.shape[-1], dtype=b.dtype, device=b.device) for b in blocks]
-        if self._on_kernels(matrix):
-            rows = matrix if dim == 1 else matrix.t()
-            shifted = rows if center is None else rows - center
-            rotated = kernels.block_rotate(shifted, self.perm, blocks, transpose, center is None)
-            return rows.copy_(rotated) if center is None else rows.add_(rotated)
+        if self._on_kernels(matrix, dim, transpose):
+            return self._rotate_on_kernels_(matrix, blocks, dim, transpose, center)
+        return self._rotate_on_torch_(matrix, blocks, dim, transpose, center)
+
+    def _rotate_on_kernels_(
+        self, matrix: torch.Tensor, blocks: list[torch.Tensor], dim: int, transpose: bool, center
+    ) -> torch.Tensor:
+        rows = matrix if dim == 1 else matrix.t()
+        shifted = rows if center is None else rows - center
+        rotated = kernels.block_rotate(shifted, self.perm, blocks, transpose, center is None)
+        if center is None:
+            rows.copy_(rotated)
+        else:
+            rows.add_(rotated)
+        return matrix
+
+    def _rotate_on_torch_(
+        self, matrix: torch.Tensor, blocks: list[torch.Tensor], dim: int, transpose: bool, center
+    ) -> torch.Tensor:
         with _full_precision(matrix):
             for group, first, count, coordinates, vectors in self._pieces(matrix.shape[1 - dim]):
                 view = self._vector_range(matrix, dim, vectors)
@@ -357,7 +409,7 @@ class BlockRotation:
         values, Mᵀ·grad (M·grad for the transpose). For u = B·v summed over the vectors, dB = du·vᵀ (v·duᵀ for
         u = Bᵀ·v), in the blocks' dtype."""
         dtype = self.blocks[0].dtype
-        if self._on_kernels(grad):
+        if self._on_kernels(grad, dim, transpose):
             # the kernel reads both operands as grad's dtype (a bf16 W0 beside a float32 gradient is cast)
             pick = (lambda t: t.to(grad.dtype)) if dim == 1 else (lambda t: t.t().to(grad.dtype))
             shifted = pick(values) if center is None else (pick(values) - center).to(grad.dtype)
@@ -415,13 +467,20 @@ def _blocks_from_packed(
     dtype = dtype or torch.promote_types(packed.dtype, torch.float32)
     with _full_precision(packed):
         packed = packed.to(dtype)
+
+        def on_kernels() -> torch.Tensor:
+            return kernels.cayley_neumann(packed, size, neumann_terms)
+
+        def on_torch() -> torch.Tensor:
+            return rotation_from_skew(skew_from_packed(packed, size), neumann_terms)
+
         if (
             neumann_terms is not None
             and dtype in (torch.float32, torch.float64)
-            and kernels.use_kernels(packed, [size])
+            and kernels.prefer_kernels(packed, [size], "Cayley–Neumann", on_kernels, on_torch)
         ):
-            return kernels.cayley_neumann(packed, size, neumann_terms)
-        return rotation_from_skew(skew_from_packed(packed, size), neumann_terms)
+            return on_kernels()
+        return on_torch()
 
 
 def packed_gradient(

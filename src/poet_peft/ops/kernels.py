@@ -5,6 +5,10 @@ torch's current stream with tensors handed over through DLPack (no copies). `tor
 ordinary custom ops to autograd, `torch.compile` and distributed wrappers. CPU tensors, and CUDA tensors
 without CuPy, use the torch reference in `blocks.py`; the environment variable POET_PEFT_KERNELS forces
 either path ("cuda" or "torch"; default "auto").
+
+Under "auto" the kernels are used only where they were measured faster: the first time a kind of work (an
+operation, its device, dtype, block sizes and a power-of-two size bucket) comes, both paths are timed on it with
+CUDA events (`prefer_kernels`) and the faster is kept for the rest of the process.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import importlib.resources
 import math
 import os
 import re
+import statistics
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
@@ -152,6 +157,48 @@ def use_kernels(tensor: torch.Tensor, block_sizes: Sequence[int]) -> bool:
     if mode == "cuda":
         raise RuntimeError(f"{ENV_VARIABLE}=cuda, but the kernels cannot run: {reason}. Set it to 'auto' or 'torch'.")
     return False
+
+
+def _cuda_event_seconds(run: Callable[[], object], repeats: int = 5) -> float:
+    """The median seconds of `run` on the current CUDA stream, after two warm-up calls."""
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+TIMER: Callable[[Callable[[], object]], float] = _cuda_event_seconds  # the tests inject their own
+_MEASURED: dict[tuple, bool] = {}  # kind of work → whether the kernels were the faster path, in this process
+
+
+def prefer_kernels(
+    tensor: torch.Tensor,
+    block_sizes: Sequence[int],
+    work: str,
+    on_kernels: Callable[[], object],
+    on_torch: Callable[[], object],
+) -> bool:
+    """Whether `work` on `tensor` goes to the kernels: never where they cannot run (`use_kernels`), always under
+    POET_PEFT_KERNELS=cuda, and under "auto" where timing both callables once, for this kind of work, found the
+    kernels faster. While torch.compile traces or a CUDA graph captures, an unmeasured kind goes to torch."""
+    if not use_kernels(tensor, block_sizes):
+        return False
+    if kernel_mode() == "cuda":
+        return True
+    key = (tensor.device, tensor.dtype, work, tuple(block_sizes), 1 << max(0, tensor.numel() - 1).bit_length())
+    if key not in _MEASURED:
+        if torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        with torch.no_grad():
+            _MEASURED[key] = TIMER(on_kernels) < TIMER(on_torch)
+    return _MEASURED[key]
 
 
 def _launch(device: torch.device, name: str, grid: tuple[int, int, int], shared_memory: int, args: Sequence) -> None:

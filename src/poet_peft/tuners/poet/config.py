@@ -130,8 +130,8 @@ class POETConfig(PeftConfig):
             isinstance(self.merge_every, int) and not isinstance(self.merge_every, bool) and self.merge_every >= 1
         ):
             raise ValueError(
-                f"POETConfig.merge_every={self.merge_every!r} is invalid: use an integer ≥ 1 (the official code uses 200) "
-                "or None to never merge."
+                f"POETConfig.merge_every={self.merge_every!r} is invalid: use an integer ≥ 1 (the official code "
+                "uses 200) or None to never merge."
             )
         if self.init_weights is not None and self.init_weights not in INITIALIZATIONS:
             raise ValueError(

@@ -256,9 +256,11 @@ class POETLinear(nn.Module, LinearWeightMixin, BaseTunerLayer):
             return forced == "weight", forced == "weight"
         layouts = [self.poet_layouts[name] for name in adapter_names]
         sizes = [size for pair in layouts for layout in pair for size in layout.sizes]
-        if kernels.use_kernels(self._stored_logical_weight(), sizes):  # its device and dtype: no FSDP2 gather
-            # The fused CUDA kernels have no separate gathers and run off the tensor cores; until their costs are
-            # measured, each side goes where its rotation touches fewer vectors.
+        forced_kernels = kernels.kernel_mode() == "cuda"
+        if forced_kernels and kernels.use_kernels(self._stored_logical_weight(), sizes):  # no FSDP2 gather
+            # The fused CUDA kernels have no separate gathers: forced onto them, each side goes where its rotation
+            # touches fewer vectors. Under "auto" the kernels run only where measured faster than the torch path,
+            # which the cost model below describes.
             return self.in_features <= tokens, self.out_features <= tokens
         choices = [(True, True), (True, False), (False, True), (False, False)]
         return min(
