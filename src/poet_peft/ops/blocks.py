@@ -316,6 +316,13 @@ class BlockRotation:
                     yield group, first, blocks, coordinates, slice(begin, min(vectors, begin + vectors_per_piece))
             start += count * size
 
+    def _row_chunks(self, rows: int) -> list[slice]:
+        """Ranges of rows of about 1/PIECES of a (rows, dim) matrix each. Rotating the coordinates of rows, whole
+        rows are gathered in permuted order at once: that reads memory far better than gathering one block's
+        scattered columns from every row (1.2–1.6× faster at d=1024–2048)."""
+        per_chunk = max(1, max(self.layout.dim * rows // PIECES, 4096) // self.layout.dim)
+        return [slice(first, min(rows, first + per_chunk)) for first in range(0, rows, per_chunk)]
+
     def _rotate_piece(self, piece: torch.Tensor, blocks: torch.Tensor, dim: int, transpose: bool) -> torch.Tensor:
         # piece holds the gathered coordinates of `blocks` along `dim`: (n·b, vectors) for dim 0, (vectors, n·b) for 1
         # bmm rather than einsum: einsum turns a single vector into an elementwise product, which no flop count sees
@@ -325,11 +332,6 @@ class BlockRotation:
             return torch.bmm(blocks, piece.view(count, size, -1)).flatten(0, 1)
         vectors = piece.unflatten(-1, (count, size)).transpose(0, 1)  # (n, vectors, b)
         return torch.bmm(vectors, blocks.transpose(-1, -2)).transpose(0, 1).flatten(1)
-
-    @staticmethod
-    def _vector_range(matrix: torch.Tensor, dim: int, vectors: slice) -> torch.Tensor:
-        # the vectors along `dim` in `vectors`: a range of columns (dim 0) or of rows (dim 1), as a view
-        return matrix[:, vectors] if dim == 0 else matrix[vectors]
 
     def _on_kernels(self, matrix: torch.Tensor, dim: int, transpose: bool) -> bool:
         # Whether rotating `matrix` in place along `dim` (and its backward) goes to the kernels; measured, if it
@@ -383,16 +385,38 @@ class BlockRotation:
         self, matrix: torch.Tensor, blocks: list[torch.Tensor], dim: int, transpose: bool, center
     ) -> torch.Tensor:
         with _full_precision(matrix):
-            for group, first, count, coordinates, vectors in self._pieces(matrix.shape[1 - dim]):
-                view = self._vector_range(matrix, dim, vectors)
-                piece = view.index_select(dim, coordinates).to(blocks[0].dtype)
+            if dim == 1:
+                shift = None if center is None else center[self.perm]
+                for rows in self._row_chunks(matrix.shape[0]):
+                    view = matrix[rows]
+                    permuted = view.index_select(1, self.perm).to(blocks[0].dtype)
+                    for group_blocks, coordinates in zip(blocks, self._group_ranges()):
+                        piece = permuted[:, coordinates]
+                        if center is None:
+                            permuted[:, coordinates] = self._rotate_piece(piece, group_blocks, 1, transpose)
+                        else:
+                            rotated = self._rotate_piece(piece - shift[coordinates], group_blocks, 1, transpose)
+                            permuted[:, coordinates] = piece + rotated
+                    view.index_copy_(1, self.perm, permuted.to(matrix.dtype))
+                return matrix
+            for group, first, count, coordinates, vectors in self._pieces(matrix.shape[1]):
+                view = matrix[:, vectors]
+                piece = view.index_select(0, coordinates).to(blocks[0].dtype)
                 group_blocks = blocks[group][first : first + count]
                 if center is None:
-                    piece = self._rotate_piece(piece, group_blocks, dim, transpose)
+                    piece = self._rotate_piece(piece, group_blocks, 0, transpose)
                 else:
-                    piece = piece + self._rotate_piece(piece - center[coordinates], group_blocks, dim, transpose)
-                view.index_copy_(dim, coordinates, piece.to(matrix.dtype))
+                    piece = piece + self._rotate_piece(piece - center[coordinates], group_blocks, 0, transpose)
+                view.index_copy_(0, coordinates, piece.to(matrix.dtype))
         return matrix
+
+    def _group_ranges(self) -> list[slice]:
+        """Each group's range of permuted coordinates."""
+        ranges, start = [], 0
+        for count, size in self.layout.groups:
+            ranges.append(slice(start, start + count * size))
+            start += count * size
+        return ranges
 
     @torch.no_grad()
     def backward_(
@@ -420,24 +444,41 @@ class BlockRotation:
             return block_grads
         block_grads = [torch.zeros_like(group) for group in self.blocks]
         with _full_precision(grad):
-            for group, first, count, coordinates, vectors in self._pieces(grad.shape[1 - dim]):
-                grad_view = self._vector_range(grad, dim, vectors)
-                grad_piece = grad_view.index_select(dim, coordinates).to(dtype)
-                value_piece = self._vector_range(values, dim, vectors).index_select(dim, coordinates)
+            if dim == 1:
+                shift = None if center is None else center[self.perm]
+                for rows in self._row_chunks(grad.shape[0]):
+                    grad_view = grad[rows]
+                    grads = grad_view.index_select(1, self.perm).to(dtype)
+                    shifted = values[rows].index_select(1, self.perm).to(dtype)
+                    shifted = shifted if shift is None else shifted - shift
+                    rotated = grads.clone() if through else None
+                    for group, coordinates in enumerate(self._group_ranges()):
+                        count, size = self.layout.groups[group]
+                        grad_piece = grads[:, coordinates].unflatten(-1, (count, size))
+                        value_piece = shifted[:, coordinates].unflatten(-1, (count, size))
+                        a, b = (value_piece, grad_piece) if transpose else (grad_piece, value_piece)
+                        block_grads[group] += torch.bmm(a.permute(1, 2, 0), b.transpose(0, 1))  # over the rows
+                        if through:
+                            piece = grads[:, coordinates]
+                            rotated[:, coordinates] = self._rotate_piece(piece, self.blocks[group], 1, not transpose)
+                    if through:
+                        grad_view.index_copy_(1, self.perm, rotated.to(grad.dtype))
+                return block_grads
+            for group, first, count, coordinates, vectors in self._pieces(grad.shape[1]):
+                grad_view = grad[:, vectors]
+                grad_piece = grad_view.index_select(0, coordinates).to(dtype)
+                value_piece = values[:, vectors].index_select(0, coordinates)
                 value_piece = value_piece.to(dtype) if center is None else value_piece.to(dtype) - center[coordinates]
                 a, b = (value_piece, grad_piece) if transpose else (grad_piece, value_piece)
                 size = self.blocks[group].shape[-1]
-                if dim == 0:  # (n·b, vectors) pieces: dB = a·bᵀ per block
-                    a, b = a.view(count, size, -1), b.view(count, size, -1)
-                    block_grads[group][first : first + count] += torch.bmm(a, b.transpose(1, 2))
-                else:  # (vectors, n·b) pieces
-                    a, b = a.unflatten(-1, (count, size)), b.unflatten(-1, (count, size))
-                    block_grads[group][first : first + count] += torch.bmm(a.permute(1, 2, 0), b.transpose(0, 1))
+                # (n·b, vectors) pieces: dB = a·bᵀ per block
+                a, b = a.view(count, size, -1), b.view(count, size, -1)
+                block_grads[group][first : first + count] += torch.bmm(a, b.transpose(1, 2))
                 if through:
                     rotated = self._rotate_piece(
-                        grad_piece, self.blocks[group][first : first + count], dim, not transpose
+                        grad_piece, self.blocks[group][first : first + count], 0, not transpose
                     )
-                    grad_view.index_copy_(dim, coordinates, rotated.to(grad.dtype))
+                    grad_view.index_copy_(0, coordinates, rotated.to(grad.dtype))
         return block_grads
 
     def inverse(self) -> BlockRotation:
