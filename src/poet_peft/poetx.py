@@ -28,6 +28,8 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .export import replace_folder
+from .guards import raise_if_nonfinite
 from .tuners.poet.config import POETConfig
 from .tuners.poet.layer import POETLinear
 
@@ -87,10 +89,9 @@ def convert_from_poetx(checkpoint: str | os.PathLike, output_dir: str | os.PathL
     `output_dir/adapter` (a PEFT POET adapter); returns both folders. Load them with
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)`."""
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    base, adapter = output_dir / "base", output_dir / "adapter"
-    for folder in (base, adapter):
-        _refuse_nonempty(folder)
+    _refuse_nonempty(output_dir)
     state = _read_state(checkpoint)
+    raise_if_nonfinite(state.items(), f"to convert {checkpoint}")
     layers = _poetx_layers(state)
     if not layers:
         raise ValueError(f"{checkpoint} holds no POET-X layer (no `<module>.oft_R` tensor)")
@@ -124,9 +125,12 @@ def convert_from_poetx(checkpoint: str | os.PathLike, output_dir: str | os.PathL
             f"{checkpoint}'s tensors do not fit its config.json's {type(model).__name__}: missing "
             f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
-    model.save_pretrained(base)
+    # Written whole into OUT.partial, then moved into place: a failure leaves no half-converted folder.
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial / "base")
     if (checkpoint / "tokenizer_config.json").is_file():
-        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(base)
+        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(partial / "base")
     poet_config = POETConfig(block=block, target_modules=layers, init_weights=None, neumann_terms=3)
     peft_model = get_peft_model(model, poet_config)
     modules = dict(peft_model.base_model.model.named_modules())
@@ -137,8 +141,10 @@ def convert_from_poetx(checkpoint: str | os.PathLike, output_dir: str | os.PathL
             layer.poet_P["default"].copy_(right)
             layer.poet_perm_out["default"].copy_(state[f"{prefix}.perm_out_inv"].long())
             layer.poet_perm_in["default"].copy_(state[f"{prefix}.perm_in_inv"].long())
+    base, adapter = output_dir / "base", output_dir / "adapter"
     peft_model.peft_config["default"].base_model_name_or_path = str(base)
-    peft_model.save_pretrained(adapter)
+    peft_model.save_pretrained(partial / "adapter")
+    replace_folder(partial, output_dir)
     return base, adapter
 
 
@@ -163,6 +169,7 @@ def convert_to_poetx(adapter: str | os.PathLike, output_dir: str | os.PathLike, 
         )
     block = int(config.block)
     inner = model.base_model.model
+    raise_if_nonfinite(model.named_parameters(), f"to convert {adapter}")
     state = {}
     for name, tensor in inner.state_dict().items():
         if ".poet_" not in name:
@@ -192,7 +199,5 @@ def convert_to_poetx(adapter: str | os.PathLike, output_dir: str | os.PathLike, 
     inner.config.save_pretrained(partial)
     if (Path(base_model) / "tokenizer_config.json").is_file():
         AutoTokenizer.from_pretrained(base_model).save_pretrained(partial)
-    if output_dir.exists():
-        output_dir.rmdir()  # empty, as checked above
-    os.replace(partial, output_dir)
+    replace_folder(partial, output_dir)
     return output_dir

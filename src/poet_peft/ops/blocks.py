@@ -338,12 +338,7 @@ class BlockRotation:
         # must be, on a copy, so that the timing runs leave `matrix` as it is.
         if self.blocks[0].dtype != kernels.accumulator_dtype(matrix.dtype):
             return False
-        copies = []
-
-        def scratch() -> torch.Tensor:
-            copies.append(copies[0] if copies else matrix.clone())
-            return copies[0]
-
+        scratch = functools.cache(matrix.clone)  # one copy, made only if timing runs
         return kernels.prefer_kernels(
             matrix,
             self.layout.sizes,
@@ -387,10 +382,11 @@ class BlockRotation:
         with _full_precision(matrix):
             if dim == 1:
                 shift = None if center is None else center[self.perm]
+                ranges = self._group_ranges()
                 for rows in self._row_chunks(matrix.shape[0]):
                     view = matrix[rows]
                     permuted = view.index_select(1, self.perm).to(blocks[0].dtype)
-                    for group_blocks, coordinates in zip(blocks, self._group_ranges()):
+                    for group_blocks, coordinates in zip(blocks, ranges):
                         piece = permuted[:, coordinates]
                         if center is None:
                             permuted[:, coordinates] = self._rotate_piece(piece, group_blocks, 1, transpose)
@@ -446,13 +442,14 @@ class BlockRotation:
         with _full_precision(grad):
             if dim == 1:
                 shift = None if center is None else center[self.perm]
+                ranges = self._group_ranges()
                 for rows in self._row_chunks(grad.shape[0]):
                     grad_view = grad[rows]
                     grads = grad_view.index_select(1, self.perm).to(dtype)
                     shifted = values[rows].index_select(1, self.perm).to(dtype)
                     shifted = shifted if shift is None else shifted - shift
                     rotated = grads.clone() if through else None
-                    for group, coordinates in enumerate(self._group_ranges()):
+                    for group, coordinates in enumerate(ranges):
                         count, size = self.layout.groups[group]
                         grad_piece = grads[:, coordinates].unflatten(-1, (count, size))
                         value_piece = shifted[:, coordinates].unflatten(-1, (count, size))
