@@ -1,185 +1,350 @@
 #!/usr/bin/env python
-"""POET against AdamW, LoRA, GaLore, ORA and spectral LoRA: pretraining run_clm.py's LLaMA at equal tokens.
+"""POET against tuned AdamW, Muon, GaLore and LoRA: pretraining a block-dominated LLaMA at equal tokens.
 
-Every method trains on the bundled Wikipedia text, same data order, same token budget, in its own process:
-- adamw (everything trained), lora (r = hidden/8 on a frozen random init), galore (galore-torch, rank hidden/4),
-  ora (frozen random orthogonal Q/K), spectral_lora (seed 002's clamp);
-- poet-bs with b = hidden/2 and hidden/8, poet-fs with b = 1/2 (normalized-Gaussian W0, merge every --merge_every).
+The model is run_clm.py's `tiny` LLaMA (hidden 128, FFN 352, 4 layers, untied) with a 1,024-token byte-level BPE,
+so that the transformer-block linears hold 75% of the parameters (the nano setting this replaced was 90%
+embeddings). Every run trains on the bundled Wikipedia text, same data order, same token budget, in its own
+process (examples/run_clm.py), and is scored by validation perplexity. Methods:
+- adamw (everything trained), muon (torch.optim.Muon on the block matrices, AdamW on the rest, one lr), galore
+  (galore-torch, rank hidden/4), lora (r = hidden/4 on the frozen random init, the rest trained);
+- poet-bs at b = hidden/2 and hidden/8, poet-fs at b = 1/2 (normalized-Gaussian W0), and poet-bs b = hidden/2
+  with `--recipe official` (the official code's clip 0.1, no decay or warmup, its AdamW). POET's swept lr is its
+  Q's; the rest of the model trains at the recipe's base lr (the paper's 1e-2).
 
-Each method's lr is swept over the same factors (`--lr_factors`, ×1/3, 1, 3) around its centre: POET's Q lr
-(the paper's 1e-3·256/b), the base lr for the others (`SWEEP_CENTRES`). The best lr of each is the one with the
-lowest validation perplexity.
-The two best methods are then rerun at their best lr with `--extra_seeds`, so that the ranking of the top two
-is shown not to be one seed's luck. Recorded per run: validation perplexity, tokens/s, peak resident memory and
-trainable parameters; the loss curves of each method's best run are drawn against tokens.
+Each method's lr is swept on a grid centre × 2^k (k = --lr_steps, then further out) until its best lr is interior
+(both neighbours worse; a diverged run counts as worse) or --max_lr_points is reached; then --seeds seeds run at
+the best lr. With --ablations, POET-BS b=hidden/2 at its best lr also runs the paper's ablations (W0 init, merge
+interval T_m, Neumann terms k; Tables 5-7) for --ablation_seeds seeds, against its own best runs as the base.
 
-    python benchmarks/bench_pretrain.py --record benchmarks/RESULTS.md --plot benchmarks/pretrain_loss.png
+Every finished run is appended to --results as a JSON line and a rerun skips the runs already there, so the sweep
+spans sessions: stop it any time (a killed run is simply redone). The report (tables and loss curves) is built
+from the results file alone; --max_runs 0 only reports.
+
+    python benchmarks/bench_pretrain.py --ablations all --record benchmarks/RESULTS.md \\
+        --plot benchmarks/pretrain_loss.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import platform
 import re
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Optional
 
 import torch
 from clm_runs import run_clm_process
 from reporting import plot_loss_curves, publish
 from tqdm.auto import tqdm
 
-HIDDEN = {"nano": 64, "tiny": 128, "small": 256}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from run_clm import MODEL_SIZES  # noqa: E402
+
+BASE = "poet-bs b=h/2"  # the method the ablations vary
 
 
-def method_flags(name: str, hidden: int) -> list[str]:
-    """run_clm.py's flags for a method of this table, at a model of width `hidden`."""
+@dataclass(frozen=True)
+class Method:
+    """How run_clm.py trains a method, and where its lr sweep is centred."""
+
+    flags: tuple[str, ...]
+    centre: float
+    poet: bool = False
+
+
+def methods(hidden: int) -> dict[str, Method]:
+    """The methods of this benchmark at a model of width `hidden`.
+
+    Sweep centres: POET's Q at the paper's lr for its block (1e-3·256/b, 1e-3 at f = 1/2; the official recipe's
+    2e-3), the others where first runs on this model put them.
+    """
+    half, eighth, quarter = str(hidden // 2), str(hidden // 8), str(hidden // 4)
     return {
-        "adamw": ["--method", "adamw"],
-        "poet-bs b=h/2": ["--method", "poet", "--mode", "bs", "--block", str(hidden // 2)],
-        "poet-bs b=h/8": ["--method", "poet", "--mode", "bs", "--block", str(hidden // 8)],
-        "poet-fs b=1/2": ["--method", "poet", "--mode", "fs", "--block", "0.5"],
-        "lora r=h/8": ["--method", "lora", "--lora_r", str(hidden // 8), "--lora_alpha", str(hidden // 8)],
-        "galore": ["--method", "galore"],
-        "ora": ["--method", "ora"],
-        "spectral_lora": ["--method", "spectral_lora"],
-    }[name]
+        "adamw": Method(("--method", "adamw"), 4e-3),
+        "muon": Method(("--method", "muon"), 4e-3),
+        "galore": Method(("--method", "galore"), 8e-3),
+        "lora r=h/4": Method(("--method", "lora", "--lora_r", quarter, "--lora_alpha", quarter), 8e-3),
+        BASE: Method(("--method", "poet", "--block", half), 1e-3 * 256 / (hidden // 2), poet=True),
+        "poet-bs b=h/8": Method(("--method", "poet", "--block", eighth), 1e-3 * 256 / (hidden // 8), poet=True),
+        "poet-fs b=1/2": Method(("--method", "poet", "--mode", "fs", "--block", "0.5"), 1e-3, poet=True),
+        "poet-bs b=h/2 official": Method(("--method", "poet", "--recipe", "official", "--block", half), 2e-3, True),
+    }
 
 
-METHODS = ["adamw", "poet-bs b=h/2", "poet-bs b=h/8", "poet-fs b=1/2", "lora r=h/8", "galore", "ora", "spectral_lora"]
+METHOD_NAMES = list(methods(128))
+
+# The paper's ablations of POET (Tables 5-7), as flags added to the base method; the base itself is W0 normalized
+# Gaussian, T_m 200 and k = 3.
+ABLATIONS = {
+    "init=standard": ("--init_weights", "standard"),
+    "init=xavier": ("--init_weights", "xavier"),
+    "init=uniform_spectrum": ("--init_weights", "uniform_spectrum"),
+    "T_m=5": ("--merge_every", "5"),
+    "T_m=25": ("--merge_every", "25"),
+    "T_m=75": ("--merge_every", "75"),
+    "T_m=never": ("--merge_every", "1000000"),
+    "k=0": ("--neumann_terms", "0"),
+    "k=1": ("--neumann_terms", "1"),
+    "k=2": ("--neumann_terms", "2"),
+    "k=4": ("--neumann_terms", "4"),
+    "k=exact": ("--neumann_terms", "exact"),
+}
+ABLATION_GROUPS = {
+    "W0 init (Table 5)": ["init=standard", "init=xavier", "init=uniform_spectrum"],
+    "merge interval T_m (Table 6)": ["T_m=5", "T_m=25", "T_m=75", "T_m=never"],
+    "Neumann terms k (Table 7)": ["k=0", "k=1", "k=2", "k=4", "k=exact"],
+}
 
 
-# Where each method's sweep is centred: POET's Q at the paper's lr for its block (1e-3·256/b, or 1e-3 at f=1/2), the
-# others where a first run on this model put them (AdamW at the size's paper lr of 1e-2 is far too hot: the
-# README's default run gives it ppl 482 against 260 at 1e-3).
-SWEEP_CENTRES = {"adamw": 2e-3, "lora r=h/8": 4e-3, "galore": 4e-3, "ora": 2e-3, "spectral_lora": 4e-3}
+@dataclass(frozen=True)
+class Run:
+    """One training run: a method (with an ablation's flags, or none) at an lr grid point and a seed."""
+
+    method: str
+    exponent: int  # lr = centre × lr_step^exponent
+    seed: int
+    ablation: str = ""
 
 
-def default_lr(name: str, hidden: int) -> float:
-    """The lr a method's sweep centres on: POET's Q lr for POET, the base lr for every other method."""
-    if name.startswith("poet-fs"):
-        return 1e-3
-    if name.startswith("poet"):
-        return 1e-3 * 256 / (hidden // 2 if "h/2" in name else hidden // 8)
-    return SWEEP_CENTRES[name]
+def setting(args: argparse.Namespace) -> dict:
+    """What every run of one benchmark shares; runs in the results file with another setting are not reused."""
+    keys = ("model_size", "vocab_size", "steps", "batch_size", "block_size", "eval_samples", "lr_step")
+    return {key: getattr(args, key) for key in keys}
 
 
-def train(name: str, lr: float, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
-    """One run_clm.py run at `lr` (POET's Q lr for POET); its perplexity, tokens/s, peak RSS, parameters and curve."""
-    hidden = HIDDEN[args.model_size]
-    poet = name.startswith("poet")
-    lr_flags = ["--learning_rate", f"{args.poet_base_lr:g}", "--poet_lr", f"{lr:g}"] if poet else []
-    lr_flags += [] if poet else ["--learning_rate", f"{lr:g}"]
+def learning_rate(run: Run, args: argparse.Namespace) -> float:
+    """The lr of a run: its method's centre × lr_step^exponent."""
+    return methods(MODEL_SIZES[args.model_size]["hidden_size"])[run.method].centre * args.lr_step**run.exponent
+
+
+def train(run: Run, args: argparse.Namespace, workdir: Path) -> dict:
+    """One run_clm.py run; its perplexity, tokens/s, peak RSS, parameters and loss curve, as a results record."""
+    method = methods(MODEL_SIZES[args.model_size]["hidden_size"])[run.method]
+    lr = learning_rate(run, args)
     flags = [
-        "--model_size", args.model_size, *method_flags(name, hidden), *lr_flags,
+        "--model_size", args.model_size, "--vocab_size", str(args.vocab_size), *method.flags,
+        "--poet_lr" if method.poet else "--learning_rate", f"{lr:.6g}", *ABLATIONS.get(run.ablation, ()),
         "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.batch_size),
         "--max_train_steps", str(args.steps), "--eval_steps", str(args.steps), "--logging_steps", "10",
-        "--merge_every", str(args.merge_every), "--max_eval_samples", str(args.eval_samples), "--seed", str(seed),
+        "--max_eval_samples", str(args.eval_samples), "--seed", str(run.seed),
     ]  # fmt: skip
-    label = f"{name} lr {lr:g} seed {seed}"
+    record = {**run.__dict__, "lr": lr, "setting": setting(args), "flags": flags}
+    label = f"{run.method} {run.ablation} lr {lr:.3g} seed {run.seed}".replace("  ", " ")
+    started = time.time()
     try:
-        run = run_clm_process(label, flags, workdir / label.replace(" ", "_").replace("/", "_"))
+        result = run_clm_process(label, flags, workdir / re.sub(r"[^\w.=-]+", "_", label))
     except RuntimeError as error:
         if "training diverged" not in str(error):
             raise
         print(f"{label}: diverged (POET refused to merge non-finite rotations)", file=sys.stderr)
-        return {"lr": lr, "ppl": math.inf, "diverged": True}
-    trainable = int(re.search(r"trainable parameters: ([\d,]+)", run["stdout"]).group(1).replace(",", ""))
-    curve = [(record["train/tokens"], record["train/loss"]) for record in run["records"] if "train/loss" in record]
+        return {**record, "ppl": math.inf, "diverged": True}
+    ppl = result["summary"]["eval/perplexity"]
     return {
-        "lr": lr,
-        "ppl": ppl if math.isfinite(ppl := run["summary"]["eval/perplexity"]) else math.inf,
-        "tokens": run["summary"]["tokens"],
-        "tokens_per_second": run["summary"]["train/tokens_per_second"],
-        "peak_rss_mib": run["peak_rss_mib"],
-        "trainable": trainable,
-        "curve": curve,
+        **record,
+        "ppl": ppl if math.isfinite(ppl) else math.inf,
+        "diverged": not math.isfinite(ppl),
+        "tokens": result["summary"]["tokens"],
+        "tokens_per_second": result["summary"]["train/tokens_per_second"],
+        "peak_rss_mib": result["peak_rss_mib"],
+        "trainable": int(re.search(r"trainable parameters: ([\d,]+)", result["stdout"]).group(1).replace(",", "")),
+        "seconds": time.time() - started,
+        "load_average": os.getloadavg()[0],  # near the 1-minute load of this run alone: its tokens/s are quiet
+        "curve": [(r["train/tokens"], r["train/loss"]) for r in result["records"] if "train/loss" in r],
     }
 
 
-def main() -> None:
-    """Sweep every method's lr, rerun the top two with more seeds, print (and optionally record) the tables."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    parser.add_argument("--model_size", choices=list(HIDDEN), default="nano", help="as in run_clm.py")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (equal tokens)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--block_size", type=int, default=256)
-    parser.add_argument("--merge_every", type=int, default=200, help="POET's T_m")
-    parser.add_argument("--eval_samples", type=int, default=400, help="validation sequences")
-    parser.add_argument("--poet_base_lr", type=float, default=1e-2, help="POET's lr outside Q (the paper's)")
-    parser.add_argument("--lr_factors", type=float, nargs="+", default=[1 / 3, 1.0, 3.0], help="× each centre")
-    parser.add_argument("--extra_seeds", type=int, nargs="*", default=[1], help="seeds rerun for the top two")
-    parser.add_argument("--record", type=Path, help="append the result tables to this Markdown file")
-    parser.add_argument("--plot", type=Path, help="draw the best runs' loss curves to this PNG")
-    args = parser.parse_args()
-    hidden = HIDDEN[args.model_size]
+def sweep_of(done: dict[Run, dict], method: str) -> dict[int, float]:
+    """Seed 0's validation perplexity at each lr exponent run so far for a method (inf where it diverged)."""
+    return {
+        run.exponent: record["ppl"]
+        for run, record in done.items()
+        if run.method == method and not run.seed and not run.ablation
+    }
 
-    started = time.time()
-    sweep: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        jobs = [(name, factor) for name in args.methods for factor in args.lr_factors]
-        for name, factor in tqdm(jobs, desc="lr sweep"):
-            lr = default_lr(name, hidden) * factor
-            sweep.setdefault(name, []).append(train(name, lr, 0, args, Path(workdir)))
-        best = {name: min(runs, key=lambda run: run["ppl"]) for name, runs in sweep.items()}
-        top_two = sorted(best, key=lambda name: best[name]["ppl"])[:2]
-        seeds = {name: [best[name]] for name in top_two}
-        for name, seed in tqdm([(n, s) for n in top_two for s in args.extra_seeds], desc="extra seeds"):
-            seeds[name].append(train(name, best[name]["lr"], seed, args, Path(workdir)))
 
-    tokens = next(iter(best.values()))["tokens"]
+def best_exponent(sweep: dict[int, float]) -> int:
+    """The lr exponent with the lowest perplexity (the lower lr on a tie)."""
+    return min(sorted(sweep), key=lambda exponent: sweep[exponent])
+
+
+def next_run(done: dict[Run, dict], args: argparse.Namespace) -> Optional[Run]:
+    """The next run the benchmark needs: every method's first grid, then extensions, seeds, and ablations."""
+    pending = [Run(name, exponent, 0) for name in args.methods for exponent in args.lr_steps]
+    pending += [
+        Run(name, step, 0)
+        for name in args.methods
+        if all(Run(name, k, 0) in done for k in args.lr_steps)
+        and (step := next_extension(sweep_of(done, name), args.max_lr_points)) is not None
+    ]
+    for name in args.methods:
+        if settled(done, name, args):
+            best = best_exponent(sweep_of(done, name))
+            pending += [Run(name, best, seed) for seed in range(args.seeds)]
+            if name == BASE:
+                seeds = range(args.ablation_seeds)
+                pending += [Run(name, best, seed, ablation) for ablation in args.ablations for seed in seeds]
+    return next((run for run in pending if run not in done), None)
+
+
+def next_extension(sweep: dict[int, float], max_points: int) -> Optional[int]:
+    """The next exponent to widen a sweep by: outwards from the best while it sits at an edge."""
+    if len(sweep) >= max_points:
+        return None
+    best = best_exponent(sweep)
+    if not math.isfinite(sweep[best]):
+        return min(sweep) - 1  # diverged at every lr so far: go lower
+    if best == max(sweep):
+        return max(sweep) + 1
+    if best == min(sweep):
+        return min(sweep) - 1
+    return None
+
+
+def settled(done: dict[Run, dict], name: str, args: argparse.Namespace) -> bool:
+    """Whether a method's first grid is done and its sweep needs no more lrs."""
+    sweep = sweep_of(done, name)
+    return all(k in sweep for k in args.lr_steps) and next_extension(sweep, args.max_lr_points) is None
+
+
+def mean_sd(values: list[float]) -> str:
+    """`mean ± sd` of finite values (sd 0 for one), or `diverged`."""
+    if not values or not all(math.isfinite(value) for value in values):
+        return "diverged"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+
+
+def report(done: dict[Run, dict], args: argparse.Namespace) -> list[str]:
+    """The Markdown report of every run in the results file that belongs to this setting."""
+    shape = MODEL_SIZES[args.model_size]
+    hidden, ffn, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    block_params = layers * (4 * hidden**2 + 3 * hidden * ffn)
+    total = next((r["trainable"] for run, r in done.items() if run.method == "adamw" and "trainable" in r), None)
+    tokens = next((r["tokens"] for r in done.values() if "tokens" in r), 0)
+    share = f" of {total:,} ({block_params / total:.0%})" if total else ""
     if torch.cuda.is_available():
         machine = torch.cuda.get_device_name()
     else:
         machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     lines = [
-        f"Pretraining benchmark, {date.today()}, {machine}, torch {torch.__version__}, {time.time() - started:.0f} s",
-        f"`python benchmarks/bench_pretrain.py --model_size {args.model_size} --steps {args.steps} --batch_size "
-        f"{args.batch_size} --block_size {args.block_size} --merge_every {args.merge_every} --eval_samples "
-        f"{args.eval_samples} --poet_base_lr {args.poet_base_lr:g} --lr_factors "
-        f"{' '.join(f'{factor:.4g}' for factor in args.lr_factors)}`",
-        f"({args.steps} steps × {args.batch_size} × {args.block_size} = {tokens:,} tokens per run, hidden {hidden}; "
-        f"lr sweep with seed 0, POET's lr is its Q's (the rest at {args.poet_base_lr:g}); validation on "
-        f"{args.eval_samples} sequences)",
+        f"Pretraining benchmark, {date.today()}, {machine}, torch {torch.__version__}, {len(done)} runs",
+        f"`python benchmarks/bench_pretrain.py --model_size {args.model_size} --vocab_size {args.vocab_size} --steps "
+        f"{args.steps} --batch_size {args.batch_size} --block_size {args.block_size} --eval_samples "
+        f"{args.eval_samples} --lr_step {args.lr_step:g}`",
+        f"(run_clm.py's {args.model_size} LLaMA, hidden {hidden}, {layers} layers, {args.vocab_size}-token BPE: "
+        f"block linears {block_params:,} parameters{share}; {tokens:,} tokens per run = "
+        f"{tokens / block_params:.2f} tokens per block parameter; validation on {args.eval_samples} sequences)",
         "",
-        "| method | best lr | validation ppl | tokens/s | peak RSS (MiB) | trainable params | ppl at each lr |",
-        "|---|---|---|---|---|---|---|",
+        "| method | best lr | validation ppl (mean ± sd) | seeds | tokens/s | peak RSS (MiB) | trainable params | "
+        "ppl at each lr (seed 0) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name in sorted(best, key=lambda name: best[name]["ppl"]):
-        run = best[name]
-        swept = ", ".join(
-            f"{r['lr']:g}: {r['ppl']:.2f}" if math.isfinite(r["ppl"]) else "diverged" for r in sweep[name]
-        )
-        if not math.isfinite(run["ppl"]):
-            lines.append(f"| {name} | | diverged at every lr | | | | {swept} |")
+    ranked = []
+    for name in METHOD_NAMES:
+        sweep = sweep_of(done, name)
+        if not sweep:
             continue
+        best = best_exponent(sweep)
+        runs = [r for run, r in done.items() if run.method == name and run.exponent == best and not run.ablation]
+        ppls = [r["ppl"] for r in runs]
+        ranked.append((statistics.mean(ppls), name, best, runs))
+    for mean, name, best, runs in sorted(ranked):
+        sweep = sweep_of(done, name)
+        lrs = {
+            run.exponent: r["lr"] for run, r in done.items() if run.method == name and not run.seed and not run.ablation
+        }
+        swept = ", ".join(f"{lrs[k]:.3g}: {sweep[k]:.1f}" if math.isfinite(sweep[k]) else f"{lrs[k]:.3g}: diverged"
+                          for k in sorted(sweep))  # fmt: skip
+        edge = "" if settled(done, name, args) else " (sweep still at an edge)"
+        finished = [r for r in runs if "tokens_per_second" in r]
+        speed = f"{statistics.median(r['tokens_per_second'] for r in finished):,.0f}" if finished else ""
+        memory = f"{max(r['peak_rss_mib'] for r in finished):.0f}" if finished else ""
+        trainable = f"{finished[0]['trainable']:,}" if finished else ""
         lines.append(
-            f"| {name} | {run['lr']:g} | {run['ppl']:.2f} | {run['tokens_per_second']:,.0f} | "
-            f"{run['peak_rss_mib']:.0f} | {run['trainable']:,} | {swept} |"
+            f"| {name} | {lrs[best]:.3g}{edge} | {mean_sd([r['ppl'] for r in runs])} | {len(runs)} | {speed} | "
+            f"{memory} | {trainable} | {swept} |"
         )
-    if args.extra_seeds:
-        lines += ["", "The top two at their best lr, over seeds:", "", "| method | seeds | ppl per seed | mean ± sd |"]
-        lines.append("|---|---|---|---|")
-        for name, runs in seeds.items():
-            ppls = [run["ppl"] for run in runs]
-            spread = statistics.stdev(ppls) if len(ppls) > 1 else 0.0
-            lines.append(
-                f"| {name} | {', '.join(map(str, [0, *args.extra_seeds]))} | {', '.join(f'{p:.2f}' for p in ppls)} "
-                f"| {statistics.mean(ppls):.2f} ± {spread:.2f} |"
-            )
-    publish("\n".join(lines), args.record)
+    ablations = [(group, variant) for group, variants in ABLATION_GROUPS.items() for variant in variants]
+    rows = [(group, variant, [r["ppl"] for run, r in done.items() if run.ablation == variant])
+            for group, variant in ablations]  # fmt: skip
+    if any(ppls for _, _, ppls in rows) and sweep_of(done, BASE):
+        best = best_exponent(sweep_of(done, BASE))
+        base = [
+            r["ppl"]
+            for run, r in done.items()
+            if run.method == BASE and run.exponent == best and not run.ablation and run.seed < args.ablation_seeds
+        ]  # the base over the ablations' own seeds
+        lines += ["", f"Ablations of {BASE} at its best lr (the base: normalized-Gaussian W0, T_m 200, k = 3):", ""]
+        lines += ["| ablation | setting | validation ppl (mean ± sd) | seeds | vs the base |", "|---|---|---|---|---|"]
+        lines.append(f"| base | W0 normalized Gaussian, T_m 200, k=3 | {mean_sd(base)} | {len(base)} | |")
+        for group, variant, ppls in rows:
+            if ppls:
+                change = (
+                    f"{statistics.mean(ppls) / statistics.mean(base) - 1:+.1%}"
+                    if all(map(math.isfinite, ppls + base))
+                    else ""
+                )
+                lines.append(f"| {group} | {variant} | {mean_sd(ppls)} | {len(ppls)} | {change} |")
+    return lines
+
+
+def main() -> None:
+    """Run what the benchmark still needs (at most --max_runs), then print (and optionally record) the report."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=METHOD_NAMES)
+    parser.add_argument("--model_size", choices=list(MODEL_SIZES), default="tiny", help="as in run_clm.py")
+    parser.add_argument("--vocab_size", type=int, default=1024, help="run_clm.py's BPE size")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (equal tokens)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--block_size", type=int, default=256)
+    parser.add_argument("--eval_samples", type=int, default=200, help="validation sequences")
+    parser.add_argument("--lr_step", type=float, default=2.0, help="ratio of neighbouring lrs of a sweep")
+    parser.add_argument("--lr_steps", type=int, nargs="+", default=[-1, 0, 1], help="first grid: centre × step^k")
+    parser.add_argument("--max_lr_points", type=int, default=6, help="widen a sweep at most to this many lrs")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds at each method's best lr")
+    parser.add_argument(
+        "--ablations", nargs="*", default=[], choices=[*ABLATIONS, "all"], help=f"variants of {BASE} to run"
+    )
+    parser.add_argument("--ablation_seeds", type=int, default=2)
+    parser.add_argument("--max_runs", type=int, help="stop after this many new runs (0: only report)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("pretrain_runs.jsonl"))
+    parser.add_argument("--record", type=Path, help="append the report to this Markdown file")
+    parser.add_argument("--plot", type=Path, help="draw each method's best run's loss curve to this PNG")
+    args = parser.parse_args()
+    args.ablations = list(ABLATIONS) if "all" in args.ablations else args.ablations
+
+    done: dict[Run, dict] = {}
+    if args.results.exists():
+        for record in map(json.loads, args.results.read_text().splitlines()):
+            if record["setting"] == setting(args):
+                done[Run(record["method"], record["exponent"], record["seed"], record["ablation"])] = record
+    with tempfile.TemporaryDirectory() as workdir, tqdm(desc="runs", unit="run") as progress:
+        while (args.max_runs is None or progress.n < args.max_runs) and (run := next_run(done, args)):
+            done[run] = train(run, args, Path(workdir))
+            with args.results.open("a") as results:
+                results.write(json.dumps(done[run]) + "\n")
+            progress.update()
+    publish("\n".join(report(done, args)), args.record)
     if args.plot:
-        finished = {name: run for name, run in best.items() if math.isfinite(run["ppl"])}
-        curves = {f"{name} (lr {run['lr']:g}): ppl {run['ppl']:.1f}": run["curve"] for name, run in finished.items()}
-        top = min(8.0, max((loss for run in finished.values() for _, loss in run["curve"][2:]), default=8.0))
-        title = f"run_clm.py's {args.model_size} LLaMA, {tokens / 1e6:.1f}M tokens, each method at its best lr"
-        plot_loss_curves(curves, args.plot, title, top)
+        curves = {}
+        for name in METHOD_NAMES:
+            if sweep := sweep_of(done, name):
+                run = done[Run(name, best_exponent(sweep), 0)]
+                if run.get("curve"):
+                    curves[f"{name} (lr {run['lr']:.3g}): ppl {run['ppl']:.1f}"] = run["curve"]
+        if curves:
+            top = min(8.0, max((loss for curve in curves.values() for _, loss in curve[2:]), default=8.0))
+            title = f"run_clm.py's {args.model_size} LLaMA, {args.steps} steps, each method at its best lr (seed 0)"
+            plot_loss_curves(curves, args.plot, title, top)
 
 
 if __name__ == "__main__":

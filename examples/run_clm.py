@@ -51,6 +51,7 @@ from run_utils import (
     optimizer_steps,
     parameter_summary,
     parse_block,
+    parse_neumann_terms,
     parse_sigma_max,
     resolve_checkpoint,
     save_checkpoint,
@@ -159,7 +160,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="POET block: b for bs (default min(256, hidden/2)), a fraction for fs (default 1/2)",
     )
     method.add_argument("--mode", choices=["bs", "fs"], default="bs", help="POET's stochastic primitive")
-    method.add_argument("--neumann_terms", type=int, default=3, help="Cayley–Neumann terms k")
+    method.add_argument(
+        "--neumann_terms", type=parse_neumann_terms, default=3, help='Cayley–Neumann terms k ("exact": the Cayley map)'
+    )
+    method.add_argument(
+        "--init_weights",
+        choices=["normalized_gaussian", "uniform_spectrum", "xavier", "standard"],
+        default="normalized_gaussian",
+        help="POET's W0: the paper's choice, a flat spectrum, Xavier, or the model's own init (its Table 5)",
+    )
     method.add_argument(
         "--merge_every",
         type=int,
@@ -514,6 +523,11 @@ def base_learning_rate(args: argparse.Namespace) -> float:
     return MODEL_SIZES[args.model_size]["lr"] if not args.config_name else 1e-3
 
 
+def adamw_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    """run_clm.py's AdamW: betas (0.9, 0.999), eps 1e-6."""
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-6)
+
+
 @dataclass
 class Method:
     """A training method: how it wraps the model, its optimizer groups and optimizer, and its per-step hooks."""
@@ -521,9 +535,7 @@ class Method:
     wrap: Callable[[torch.nn.Module, argparse.Namespace], torch.nn.Module]
     param_groups: Callable[[torch.nn.Module, argparse.Namespace], list[dict]]
     step_hooks: Callable[[torch.nn.Module, torch.optim.Optimizer], object]
-    optimizer: Callable[[list[dict]], torch.optim.Optimizer] = lambda groups: torch.optim.AdamW(
-        groups, betas=(0.9, 0.999), eps=1e-6
-    )
+    optimizer: Callable[[list[dict]], torch.optim.Optimizer] = adamw_optimizer
 
 
 def param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
@@ -549,7 +561,7 @@ def poet_learning_rate(args: argparse.Namespace, block: float) -> float:
 
 
 def wrap_poet(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
-    """POET as in the paper: normalized-Gaussian W0, every transformer-block linear wrapped, the rest trained."""
+    """POET as in the paper: W0 from --init_weights, every transformer-block linear wrapped, the rest trained."""
     args.block = poet_block(args, model)
     config = poet_peft.POETConfig(
         block=args.block,
@@ -558,7 +570,7 @@ def wrap_poet(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Modu
         merge_every=args.merge_every,
         memory_mode=args.memory_mode,
         base_dtype=args.base_dtype,
-        init_weights="normalized_gaussian",
+        init_weights=None if args.init_weights == "standard" else args.init_weights,
         train_in_place=TRAINED_IN_FULL,
         seed=args.seed,
     )
@@ -630,6 +642,70 @@ def galore_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
     return GaLoreAdamW(groups, betas=(0.9, 0.999), eps=1e-6, no_deprecation_warning=True)
 
 
+def muon_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """The usual groups, with the transformer-block weights moved to a group Muon updates (the rest stay AdamW's)."""
+    orthogonalized = {id(linear.weight) for _, linear in poet_peft.matching_linears(model, BLOCK_LINEARS.split(","))}
+    groups = param_groups(model, args)
+    matrices = next(group for group in groups if group["name"] == "matrices")
+    matrices["params"] = [p for p in matrices["params"] if id(p) not in orthogonalized]
+    muon = {
+        "name": "muon",
+        "params": [p for p in model.parameters() if id(p) in orthogonalized],
+        "lr": matrices["lr"],
+        "weight_decay": matrices["weight_decay"],
+        "muon": True,
+    }
+    return [group for group in [*groups, muon] if group["params"]]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon on the groups marked `muon`, AdamW on the others, as one optimizer for Accelerate.
+
+    Muon scales each update to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so one lr serves both. Both inner
+    optimizers work on this optimizer's own group dicts and state, so the lr scheduler, state_dict and checkpoints
+    see one ordinary optimizer.
+    """
+
+    def __init__(self, groups: list[dict]):
+        super().__init__(groups, {})
+        self._bind_inner_optimizers()
+
+    def _bind_inner_optimizers(self) -> None:
+        """Build Muon and AdamW over this optimizer's groups, sharing its group dicts and its state."""
+        muon = [group for group in self.param_groups if group.get("muon")]
+        rest = [group for group in self.param_groups if not group.get("muon")]
+        self.inner = []
+        for kind, groups in ((muon_optimizer, muon), (adamw_optimizer, rest)):
+            if not groups:
+                continue
+            inner = kind(groups)
+            for own, filled in zip(groups, inner.param_groups):  # take the inner optimizer's defaults into ours
+                own.update({key: value for key, value in filled.items() if key not in own})
+            inner.param_groups, inner.state = groups, self.state
+            self.inner.append(inner)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load as torch.optim.Optimizer does (which rebuilds the group dicts), then rebind the inner optimizers."""
+        super().load_state_dict(state_dict)
+        self._bind_inner_optimizers()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Muon step on its groups and one AdamW step on the rest; returns closure's loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for inner in self.inner:
+            inner.step()
+        return loss
+
+
+def muon_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    """torch.optim.Muon with its default momentum 0.95 and Nesterov, its lr matched to AdamW's update RMS."""
+    return torch.optim.Muon(groups, adjust_lr_fn="match_rms_adamw")
+
+
 METHODS = {
     "adamw": Method(wrap=lambda model, args: model, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
     "lora": Method(wrap=wrap_lora, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
@@ -639,9 +715,23 @@ METHODS = {
         step_hooks=lambda m, o: NoStepHooks(),
         optimizer=galore_optimizer,
     ),
+    "muon": Method(
+        wrap=lambda model, args: model,
+        param_groups=muon_param_groups,
+        step_hooks=lambda m, o: NoStepHooks(),
+        optimizer=MuonWithAdamW,
+    ),
     "poet": Method(wrap=wrap_poet, param_groups=param_groups, step_hooks=poet_peft.MergeSchedule),
     "ora": Method(wrap=wrap_ora, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
     "spectral_lora": Method(wrap=wrap_spectral_lora, param_groups=param_groups, step_hooks=SpectralClampHooks),
+}
+
+
+# The baselines whose optimizers need what FSDP shards, and why.
+NOT_UNDER_FSDP = {
+    "galore": "its optimizer state holds GaLoreProjector objects, which torch.distributed's optimizer state dict "
+    "cannot gather for checkpoints",
+    "muon": "Muon orthogonalizes each weight's whole gradient, and FSDP gives each process a shard of it",
 }
 
 
@@ -758,10 +848,9 @@ def train(args: argparse.Namespace) -> dict:
             "FSDP1's flat parameters hide the whole W0 and Q that merges rewrite. Or use DDP "
             "(examples/configs/multi_gpu.yaml)."
         )
-    if args.method == "galore" and accelerator.distributed_type == DistributedType.FSDP:
+    if args.method in NOT_UNDER_FSDP and accelerator.distributed_type == DistributedType.FSDP:
         raise UsageError(
-            "--method galore does not run under FSDP: its optimizer state holds GaLoreProjector objects, which "
-            "torch.distributed's optimizer state dict cannot gather for checkpoints. Use DDP "
+            f"--method {args.method} does not run under FSDP: {NOT_UNDER_FSDP[args.method]}. Use DDP "
             "(examples/configs/multi_gpu.yaml) or one process."
         )
     whole_matrices = args.e4 != "none" or args.track_directions_every or args.spec_monitor

@@ -64,6 +64,15 @@ def parse_block(text: str) -> float:
     return int(value) if value.denominator == 1 else float(value)
 
 
+def parse_neumann_terms(text: str) -> Optional[int]:
+    """POET's Cayley–Neumann terms: an integer k ≥ 0, or None for "exact" (the exact Cayley transform)."""
+    if text.lower() == "exact":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--neumann_terms {text!r}: use an integer k ≥ 0 (the paper's 3) or exact")
+    return int(text)
+
+
 def parse_sigma_max(text: str) -> Optional[float]:
     """The spectral-LoRA clamp constant c > 0, or None for "none"."""
     if text.lower() == "none":

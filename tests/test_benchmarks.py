@@ -95,21 +95,27 @@ def test_bench_layer_times_every_method_and_states_the_flop_floor(tmp_path):
     assert all(row[6] == "" for row in rows if row[1] == "64")
 
 
-def test_bench_pretrain_sweeps_reseeds_the_top_two_and_plots(tmp_path):
-    toy = ["--steps", "2", "--batch_size", "2", "--block_size", "32", "--eval_samples", "4", "--lr_factors", "1"]
-    methods = ["--methods", "adamw", "poet-bs b=h/8", "galore", "--extra_seeds", "1"]
-    text = run_benchmark(tmp_path, "bench_pretrain.py", *toy, *methods, "--plot", str(tmp_path / "loss.png"))
-    table = table_rows(text, 7)
-    # nano: 1,149,248 parameters. POET-BS b=8 swaps the 100,352 weights of its 14 block linears for 28 Q entries per
-    # 8×8 block: 8 blocks on a side of 64, 22 on a side of 176, so 2 layers × (4·16 + 3·30)·28 = 8,624.
-    assert table["adamw"][0] == "0.002" and table["adamw"][4] == "1,149,248"
-    assert table["galore"][0] == "0.004" and table["galore"][4] == "1,149,248"
-    assert table["poet-bs b=h/8"][0] == "0.032" and table["poet-bs b=h/8"][4] == "1,057,520"
-    assert all(float(table[name][1]) > 1 and float(table[name][3]) > 0 for name in ("adamw", "galore"))
-    seeds = table_rows(text, 4)
-    assert len([name for name in seeds if name not in ("method", "---")]) == 2
-    assert all(row[0] == "0, 1" for name, row in seeds.items() if name not in ("method", "---"))
+def test_bench_pretrain_widens_each_sweep_reseeds_ablates_and_resumes(tmp_path):
+    results = tmp_path / "runs.jsonl"
+    toy = ["--model_size", "nano", "--steps", "2", "--batch_size", "2", "--block_size", "32", "--eval_samples", "4"]
+    plan = ["--lr_steps", "0", "--max_lr_points", "2", "--seeds", "2", "--ablations", "k=0", "--ablation_seeds", "1"]
+    flags = [*toy, *plan, "--methods", "adamw", "poet-bs b=h/2", "--results", str(results)]
+    text = run_benchmark(tmp_path, "bench_pretrain.py", *flags, "--plot", str(tmp_path / "loss.png"))
+    table = table_rows(text, 8)
+    # nano with a 1,024-token BPE: 2·1024·64 embedding and lm_head weights + 100,352 in 14 block linears + 320 norm
+    # weights. POET-BS b=32 swaps the block weights for 496 Q entries per 32×32 block: 2 blocks on a side of 64; on
+    # a side of 176, 5 and a remainder block of 16 (120 entries); so 2 × (4·4·496 + 3·(7·496 + 120)) = 37,424.
+    assert table["adamw"][5] == "231,744" and table["poet-bs b=h/2"][5] == f"{231_744 - 100_352 + 37_424:,}"
+    # Each sweep started at its centre (AdamW 4e-3, POET's Q 1e-3·256/32) and widened once, towards the better
+    # side, to two lrs; then seed 1 at the best.
+    assert table["adamw"][6].startswith("0.004: ") or table["adamw"][6].startswith("0.002: ")
+    assert "0.008: " in table["poet-bs b=h/2"][6] and table["adamw"][2] == table["poet-bs b=h/2"][2] == "2"
+    assert text.count("| Neumann terms k (Table 7) | k=0 |") == 1
+    assert len(results.read_text().splitlines()) == 2 * 3 + 1
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+    # A rerun reports from the results file and trains nothing.
+    assert table_rows(run_benchmark(tmp_path, "bench_pretrain.py", *flags), 8) == table
+    assert len(results.read_text().splitlines()) == 7
 
 
 def test_bench_memory_counts_what_a_step_keeps_and_resumes(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
@@ -250,6 +251,76 @@ def test_galore_pretraining_learns_and_resumes_exactly(cache, tmp_path):
     run_script(cache, tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(checkpoint))
     expected = [point for point in series(metrics(tmp_path / "full"), "train/loss") if point[0] > 30]
     assert series(metrics(tmp_path / "resumed"), "train/loss") == expected
+
+
+def test_muon_orthogonalizes_the_block_weights_and_adamw_updates_the_rest():
+    args = run_clm.parse_args([*NANO, "--method", "muon", "--learning_rate", "1e-2"])
+    model = run_clm.build_model(args, run_clm.train_bpe_tokenizer(["a few words of text"], 300))
+    reference = copy.deepcopy(model)
+    groups = run_clm.muon_param_groups(model, args)
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    muon = next(group for group in groups if group["name"] == "muon")
+    assert len(muon["params"]) == 2 * 7 and all(p.ndim == 2 for p in muon["params"])  # every block linear
+    optimizer = run_clm.MuonWithAdamW(groups)
+    # The same step by torch.optim.Muon on the block weights and torch.optim.AdamW on the rest, separately.
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_name = dict(reference.named_parameters())
+    reference_groups = [
+        {
+            **{k: v for k, v in group.items() if k != "params"},
+            "params": [by_name[names[id(p)]] for p in group["params"]],
+        }
+        for group in groups
+    ]
+    separate = [
+        torch.optim.Muon([g for g in reference_groups if g.get("muon")], adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW([g for g in reference_groups if not g.get("muon")], betas=(0.9, 0.999), eps=1e-6),
+    ]
+    batch = torch.randint(model.config.vocab_size, (2, 16))
+    for _ in range(2):
+        for net, steppers in ((model, [optimizer]), (reference, separate)):
+            net.zero_grad()
+            net(input_ids=batch, labels=batch).loss.backward()
+            for stepper in steppers:
+                stepper.step()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, by_name[name]), name
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert set(optimizer.state[q]) == {"momentum_buffer"}  # Muon's, not Adam's moments
+    assert set(optimizer.state[model.lm_head.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    # A checkpoint's optimizer state loads into a fresh optimizer and the next steps agree exactly.
+    restored_model = copy.deepcopy(model)
+    restored = run_clm.MuonWithAdamW(run_clm.muon_param_groups(restored_model, args))
+    restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as from a file: no tensor shared
+    for net, stepper in ((model, optimizer), (restored_model, restored)):
+        net.zero_grad()
+        net(input_ids=batch, labels=batch).loss.backward()
+        stepper.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored_model.parameters()))
+
+
+def test_muon_pretraining_learns_and_resumes_exactly(cache, tmp_path):
+    flags = [*NANO, "--method", "muon", "--max_train_steps", "60", "--learning_rate", "1e-2"]
+    flags += ["--logging_steps", "5", "--eval_steps", "30", "--checkpointing_steps", "30"]
+    run_script(cache, tmp_path / "full", *flags)
+    assert_learns(metrics(tmp_path / "full"))
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_30"
+    run_script(cache, tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(checkpoint))
+    expected = [point for point in series(metrics(tmp_path / "full"), "train/loss") if point[0] > 30]
+    assert series(metrics(tmp_path / "resumed"), "train/loss") == expected
+
+
+def test_poet_ablation_flags_reach_the_config():
+    tokenizer = run_clm.train_bpe_tokenizer(["a few words of text"], 300)
+    for flags, init, terms in (([], "normalized_gaussian", 3), (["--init_weights", "standard"], None, 3),
+                               (["--init_weights", "xavier", "--neumann_terms", "exact"], "xavier", None),
+                               (["--neumann_terms", "0"], "normalized_gaussian", 0)):  # fmt: skip
+        args = run_clm.parse_args([*NANO, *flags])
+        config = run_clm.wrap_poet(run_clm.build_model(args, tokenizer), args).peft_config["default"]
+        assert (config.init_weights, config.neumann_terms) == (init, terms)
+    with pytest.raises(SystemExit):
+        run_clm.parse_args([*NANO, "--neumann_terms", "three"])
 
 
 def test_synthesizer_baseline_learns_without_q_and_k(cache, tmp_path):
@@ -589,12 +660,13 @@ def test_ora_and_spectral_lora_under_fsdp2_train_as_one_process(cache, tmp_path,
         assert max(value for _, value in series(metrics(tmp_path / "sharded"), "train/clamp_ratio_max")) > 1
 
 
-def test_galore_under_fsdp2_is_refused_in_one_line(cache, tmp_path):
+@pytest.mark.parametrize("method", ["galore", "muon"])
+def test_whole_matrix_optimizers_under_fsdp2_are_refused_in_one_line(cache, tmp_path, method):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG), str(SCRIPT)]
-    flags = command(cache, tmp_path, *NANO, "--method", "galore", "--max_train_steps", "1")
+    flags = command(cache, tmp_path, *NANO, "--method", method, "--max_train_steps", "1")
     result = subprocess.run([*launch, *flags], capture_output=True, text=True, env=cache["env"], cwd=ROOT)
     assert result.returncode != 0
-    assert "run_clm.py: error: --method galore does not run under FSDP" in result.stderr
+    assert f"run_clm.py: error: --method {method} does not run under FSDP" in result.stderr
 
 
 def test_run_clm_merges_as_often_as_poet_config_and_the_official_code_by_default():
