@@ -1,6 +1,7 @@
 // Just enough of CUDA to run poet_ops.cu on the CPU: each block runs as blockDim.x std::threads that meet at
 // a std::barrier for __syncthreads(); blocks run one after another. Shared memory starts as NaN bytes, so a
-// kernel that reads shared memory it never wrote produces NaN.
+// kernel that reads shared memory it never wrote produces NaN. Each thread flushes subnormals to zero, as CuPy's
+// -ftz=true makes the GPU do for float (the CPU's flag flushes double too; no test depends on double subnormals).
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -9,6 +10,9 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #define POET_EMULATED 1
 #define __global__
@@ -27,6 +31,19 @@ inline unsigned char* poet_shared = nullptr;
 inline std::barrier<>* block_barrier = nullptr;
 
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+// Subnormal inputs read as zero and subnormal results are written as zero in this thread (-ftz=true).
+inline void flush_subnormals_to_zero() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr(_mm_getcsr() | 0x8040);  // MXCSR's flush-to-zero (bit 15) and denormals-are-zero (bit 6)
+#elif defined(__aarch64__)
+    std::uint64_t control;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(control));
+    __asm__ volatile("msr fpcr, %0" : : "r"(control | (1ull << 24)));  // FPCR.FZ
+#else
+#error "the kernel emulator needs x86 or AArch64 to model -ftz=true"
+#endif
+}
 
 template <typename T>
 inline T atomicAdd(T* address, T value) {
@@ -53,6 +70,7 @@ void emulate_launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_
                             threads.emplace_back([&, bx, by, bz, tx, ty, tz] {
                                 blockIdx = {bx, by, bz};
                                 threadIdx = {tx, ty, tz};
+                                flush_subnormals_to_zero();
                                 kernel(args...);
                                 barrier.arrive_and_drop();  // as on a GPU, finished threads stop counting
                             });

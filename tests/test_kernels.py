@@ -240,6 +240,57 @@ def test_auto_falls_back_to_torch_when_the_kernels_do_not_build(monkeypatch):
     assert launcher is None and reason == "the kernels do not build for this GPU (OSError: libnvrtc.so.13 missing)"
 
 
+def test_the_kernels_flush_float32_subnormals_as_cupy_compiles_them(device):
+    # CuPy builds with -ftz=true: a subnormal float32 input reads as zero on the GPU, and the emulator does the same,
+    # so what the parity tests check is what the GPU computes. The torch path keeps subnormals.
+    perm = torch.arange(16, device=device)
+    blocks = [torch.eye(8, device=device).expand(2, 8, 8).contiguous()]
+    x = torch.full((3, 16), 1e-40, device=device)
+    x[:, ::2] = 0.5
+    y = kernels.block_rotate(x, perm, blocks, False, True)
+    assert torch.equal(y[:, ::2], x[:, ::2]) and torch.equal(y[:, 1::2], torch.zeros_like(y[:, 1::2]))
+    assert (x[:, 1::2] > 0).all()
+
+
+def test_training_builds_only_the_float32_and_16_bit_kernels(monkeypatch):
+    # The float64 instantiations serve reference checks only: the build "auto" waits for leaves them out, and they
+    # come from a module of their own the first time a float64 tensor needs one.
+    requested, kernel_function = [], kernels._kernel_function
+    monkeypatch.setattr(kernels, "_kernel_function", lambda capability, name: requested.append(name))
+    assert kernels._kernel_build_error.__wrapped__((9, 0)) is None
+    assert sorted(requested) == sorted(kernels.TRAINING_KERNELS) and not any("double" in name for name in requested)
+    assert sorted(kernels.TRAINING_KERNELS + kernels.FLOAT64_KERNELS) == sorted(kernels.KERNEL_NAMES)
+    modules = []
+
+    class Module:
+        def __init__(self, names):
+            self.names = names
+
+        def get_function(self, name):
+            assert name in self.names
+            return name
+
+    monkeypatch.setattr(kernels, "_compiled_module", lambda capability, names: modules.append(names) or Module(names))
+    kernel_function.__wrapped__((9, 0), "cayley_neumann_backward<double>")
+    kernel_function.__wrapped__((9, 0), "block_rotate<poet_bf16>")
+    assert modules == [kernels.FLOAT64_KERNELS, kernels.TRAINING_KERNELS]
+
+
+def test_each_torch_stream_is_wrapped_for_cupy_once_by_the_stream_protocol(monkeypatch):
+    # Not the deprecated cupy.cuda.ExternalStream, and not once per launch.
+    wrapped = []
+    cupy = type(sys)("cupy")
+    cupy.cuda = type(sys)("cupy.cuda")
+    cupy.cuda.Stream = type("Stream", (), {"from_external": staticmethod(lambda stream: wrapped.append(stream))})
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    kernels._cupy_stream.cache_clear()
+    stream = ("a torch stream", 7)  # hashable like torch.cuda.Stream, which hashes by its stream and device
+    for _ in range(3):
+        kernels._cupy_stream(stream)
+    assert wrapped == [stream]
+    kernels._cupy_stream.cache_clear()
+
+
 def test_block_rotate_rejects_mismatched_inputs(device):
     layout = block_stochastic_layout(12, 4)
     perm, packed = random_rotation(layout, device)

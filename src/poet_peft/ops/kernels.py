@@ -32,6 +32,9 @@ MAX_GRID_Y = 65_535  # CUDA's limit on gridDim.y, which counts rotation blocks: 
 GRAD_TILE, GRAD_CHUNK = 32, 32  # POET_GRAD_TILE, POET_GRAD_CHUNK
 MAX_BLOCK = 512  # larger blocks (POET-FS) are dense GEMMs: cuBLAS through the torch path does them better
 COMPILE_OPTIONS = ("-std=c++17",)
+# What CuPy adds to COMPILE_OPTIONS when it compiles a RawModule: float subnormals flush to zero (the emulator models
+# it). The compile test builds with both, as the GPU does.
+CUPY_ADDED_OPTIONS = ("-ftz=true",)
 KERNEL_MODES = ("auto", "cuda", "torch")
 ENV_VARIABLE = "POET_PEFT_KERNELS"
 
@@ -44,6 +47,10 @@ KERNEL_NAMES = tuple(
     ]
     + [f"{kernel}<{c_type}>" for kernel in ("block_rotate", "block_rotate_grad_blocks") for c_type in _C_TYPES.values()]
 )
+# Training never runs the float64 instantiations (rotations are float32 whatever the weights' dtype; float64 is for
+# reference checks), and they take a quarter of the build: they are a second module, compiled on first use.
+FLOAT64_KERNELS = tuple(name for name in KERNEL_NAMES if name.endswith("<double>"))
+TRAINING_KERNELS = tuple(name for name in KERNEL_NAMES if name not in FLOAT64_KERNELS)
 
 
 def kernel_source() -> str:
@@ -71,8 +78,7 @@ class CupyLauncher:
         import numpy
 
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        stream = torch.cuda.current_stream(device)
-        with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+        with cupy.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device)):
             kernel = _kernel_function(torch.cuda.get_device_capability(device), name)
             # DLPack refuses tensors that require grad (we are below autograd here, so detach is safe), and CuPy
             # has no bfloat16: 16-bit data travels as int16 words, which the kernels reinterpret.
@@ -85,25 +91,37 @@ class CupyLauncher:
             kernel(grid, (THREADS, 1, 1), arguments, shared_mem=shared_memory)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_module(capability: tuple[int, int]):
-    # One module per GPU architecture in this process; CuPy also caches the binary on disk across processes.
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(stream: torch.cuda.Stream):
+    # CuPy's view of a torch stream, made once per stream (torch pools its streams and never frees them), through
+    # the CUDA stream protocol that replaces the deprecated cupy.cuda.ExternalStream.
     import cupy
 
-    return cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=KERNEL_NAMES)
+    return cupy.cuda.Stream.from_external(stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_module(capability: tuple[int, int], names: tuple[str, ...]):
+    # One module per GPU architecture and kernel set in this process; CuPy also caches binaries on disk.
+    import cupy
+
+    return cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=names)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel_function(capability: tuple[int, int], name: str):
     # Looked up once per kernel: CuPy's get_function builds a new function object on every call.
-    return _compiled_module(capability).get_function(name)
+    names = FLOAT64_KERNELS if name in FLOAT64_KERNELS else TRAINING_KERNELS
+    return _compiled_module(capability, names).get_function(name)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel_build_error(capability: tuple[int, int]) -> Optional[str]:
-    """Why the kernels cannot be built for this GPU architecture (no NVRTC, no CUDA headers, an old driver), or None."""
+    """Why the kernels cannot be built for this GPU architecture (no NVRTC, no CUDA headers, an old driver), or None.
+
+    Builds the kernels training uses; the float64 ones are built when a float64 tensor first needs them."""
     try:
-        for name in KERNEL_NAMES:
+        for name in TRAINING_KERNELS:
             _kernel_function(capability, name)
     except Exception as error:  # CuPy raises its own CompileException, CUDARuntimeError, OSError, ImportError …
         return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -252,7 +270,8 @@ def compile_kernels(arch: str) -> list[KernelResources]:
         for name in KERNEL_NAMES:
             nvrtc.addNameExpression(program, name)
         try:
-            nvrtc.compileProgram(program, [f"--gpu-architecture={arch}", "-Xptxas=-v", *COMPILE_OPTIONS])
+            options = [f"--gpu-architecture={arch}", "-Xptxas=-v", *COMPILE_OPTIONS, *CUPY_ADDED_OPTIONS]
+            nvrtc.compileProgram(program, options)
         except nvrtc.NVRTCError as error:
             raise RuntimeError(f"poet_ops.cu does not compile for {arch}:\n{nvrtc.getProgramLog(program)}") from error
         log = nvrtc.getProgramLog(program)
