@@ -96,8 +96,8 @@ MODEL_SIZES = {
 # --recipe official: the official POET code's settings (Sphere-AI-Lab/poet at 0ac6599, the paper-era code:
 # scripts/benchmark_c4_poet/pretrain_poet_60m.sh and pretrain_poet_1b_normalized.sh; its POETAdamW then scales the
 # POET lr by 1). It has no POET script for 130m or 350m: those sizes, and the small ones, take 60m's settings (less
-# the block size below 60m). Flags given explicitly still win. The README's "Reproducing the official recipe" lists
-# every difference from the default recipe.
+# the block size below 60m). Flags given explicitly still win. "Reproducing the official recipe" in
+# docs/pretraining.md lists every difference from the default recipe.
 OFFICIAL_RECIPES = {
     "60m": dict(learning_rate=1e-2, poet_lr=2e-3, block=256, max_grad_norm=0.1, num_warmup_steps=0),
     "1b": dict(learning_rate=5e-3, poet_lr=5e-4, block=512, max_grad_norm=1.0, num_warmup_steps=2000),
@@ -111,7 +111,7 @@ BLOCK_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # ----------------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Command-line flags; every one is listed in the README."""
+    """Command-line flags; every one is listed in docs/pretraining.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", help="a Hub dataset (or a local dataset folder), e.g. allenai/c4")

@@ -106,7 +106,7 @@ FILE_TYPES = (".csv", ".tsv", ".json", ".jsonl")
 
 # ----------------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Command-line flags; every one is listed in the README."""
+    """Command-line flags; every one is listed in docs/finetuning.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument(

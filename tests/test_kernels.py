@@ -291,6 +291,36 @@ def test_each_torch_stream_is_wrapped_for_cupy_once_by_the_stream_protocol(monke
     kernels._cupy_stream.cache_clear()
 
 
+def test_the_gpu_smoke_check_launches_every_kernel(device, monkeypatch):
+    # benchmarks/kernel_smoke.py is what gpu_check.sh runs first (under CUDA_LAUNCH_BLOCKING=1 and
+    # compute-sanitizer): it must reach every instantiation.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from kernel_smoke import exercise_every_kernel
+
+    launched, launch = set(), kernels._launch
+    monkeypatch.setattr(
+        kernels, "_launch", lambda device, name, *rest: launched.add(name) or launch(device, name, *rest)
+    )
+    exercise_every_kernel(device, (8, 16), 4)
+    assert launched == set(kernels.KERNEL_NAMES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU: runs the kernels on a side stream")
+def test_kernels_on_a_side_stream_match_the_default_stream(device):
+    if device.type != "cuda":
+        pytest.skip("the emulator has no streams: this test runs on CUDA only")
+    layout = block_stochastic_layout(1024, 64)
+    perm, packed = random_rotation(layout, device)
+    x = torch.randn(4096, 1024, device=device)
+    expected = BlockRotation.from_packed(layout, perm, packed, 3).apply(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the kernels must follow torch's current stream, not CuPy's default one
+        actual = BlockRotation.from_packed(layout, perm, packed, 3).apply(x)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(actual, expected)
+
+
 def test_block_rotate_rejects_mismatched_inputs(device):
     layout = block_stochastic_layout(12, 4)
     perm, packed = random_rotation(layout, device)

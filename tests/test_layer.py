@@ -172,7 +172,8 @@ def test_auto_path_weighs_flops_and_data_movement():
     # gradient and the input gathered, the gradient put back, in the backward) over the 8192·3072 activations.
     inside = placement_cost(left, right, 8192, (False, False), True, True)
     assert (
-        inside == rotation_flops(left, right, 8192, False, False, True, True) + PERMUTED_ELEMENT_FLOPS * 10 * 8192 * 3072
+        inside
+        == rotation_flops(left, right, 8192, False, False, True, True) + PERMUTED_ELEMENT_FLOPS * 10 * 8192 * 3072
     )
     # Inside a network (the input wants a gradient) weight-centric training runs three matmuls, input-centric two
     # (W0 is frozen): at b=16 and d=3072 that saving outweighs moving 8192 activations through the permutations.

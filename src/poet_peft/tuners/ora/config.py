@@ -16,7 +16,7 @@ from ..config_checks import check_bool, normalize_module_names
 class ORAConfig(PeftConfig):
     """Configuration of ORA (seed 003): the Q and K projections become fixed random orthogonal maps.
 
-    Every other parameter of the model trains. Every field is documented in the README's configuration reference.
+    Every other parameter of the model trains. Every field is documented in docs/ora.md.
     """
 
     init: Literal["orthogonal", "gaussian"] = field(

@@ -22,7 +22,7 @@ FORWARD_PATHS = ("auto", "weight", "input")
 class POETConfig(PeftConfig):
     """Configuration of POET (arXiv 2506.08001): each targeted weight becomes R·W0·P with learned orthogonal R, P.
 
-    Every field is documented in the README's configuration reference.
+    Every field is documented in docs/poet.md.
     """
 
     block: Union[int, float] = field(

@@ -19,8 +19,8 @@ class SpectralLoRAConfig(PeftConfig):
     """Configuration of spectral-clamped LoRA (seed 002): ΔW = m·(lora_alpha/r)·B·A beside a frozen backbone W.
 
     The magnitude m trains at a higher learning rate (`poet_peft.create_param_groups`), and after every optimizer
-    step `poet_peft.clamp_spectral_norms` caps σ_max(ΔW) at sigma_max/√d_in. Every field is documented in the
-    README's configuration reference.
+    step `poet_peft.clamp_spectral_norms` caps σ_max(ΔW) at sigma_max/√d_in. Every field is documented in
+    docs/spectral-lora.md.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the branch (seed 002: 4 or 8)."})
