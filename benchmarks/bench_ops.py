@@ -4,8 +4,10 @@
 Two tables, each measured side by side in one process (forward + backward, median of `--repeats`):
 1. Cayley–Neumann: d/b rotation blocks of size b from packed skew parameters (3 Neumann terms): our kernel, our
    torch reference, and PEFT OFT's `_cayley_batch`.
-2. The input-centric rotation of `--tokens` bf16 activations of width d (blocks built, then applied): kernels,
-   torch reference, and PEFT OFT's rotation module (which does not permute).
+2. The input-centric rotation of `--tokens` activations of width d in each of `--dtypes` (blocks built, then
+   applied), forward only and forward + backward: kernels, torch reference, and PEFT OFT's rotation module (which
+   does not permute).
+3. Host time per call of a rotation too small for the device to matter (launch and Python overhead).
 A layer's whole training step against dense AdamW, PEFT OFT and LoRA is `bench_layer.py`'s.
 
     python benchmarks/bench_ops.py --record benchmarks/RESULTS.md
@@ -35,6 +37,7 @@ from poet_peft.ops.blocks import BlockRotation, block_stochastic_layout
 from poet_peft.ops.orthogonal import cayley_neumann, packed_size, skew_from_packed
 
 TERMS = 3
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -91,24 +94,58 @@ def cayley_row(block: int, dim: int, device: torch.device, repeats: int) -> list
     return [milliseconds(step, device, repeats) if step else None for step in steps]
 
 
-def rotation_row(block: int, dim: int, tokens: int, device: torch.device, repeats: int) -> list[Optional[float]]:
-    """ms for kernels, torch reference and PEFT OFT to rotate bf16 activations (blocks built each time)."""
+def rotation_row(
+    block: int, dim: int, tokens: int, dtype: torch.dtype, backward: bool, device: torch.device, repeats: int
+) -> list[Optional[float]]:
+    """ms for kernels, torch reference and PEFT OFT to rotate activations (blocks built each time), forward only
+    (no autograd) or forward + backward."""
     layout = block_stochastic_layout(dim, block)
     perm = torch.randperm(dim, device=device)
-    packed = (torch.randn(layout.num_parameters, device=device) * 0.01).requires_grad_(True)
-    x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    packed = (torch.randn(layout.num_parameters, device=device) * 0.01).requires_grad_(backward)
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=backward)
     grad = torch.randn_like(x)
     oft = OFTRotationModule(dim // block, packed_size(block), block, dim, num_cayley_neumann_terms=TERMS).to(device)
 
-    def ours(mode: str) -> Callable[[], None]:
+    def timed(rotate: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def step() -> None:
-            with kernel_path(mode):
-                BlockRotation.from_packed(layout, perm, packed, TERMS).apply(x).backward(grad)
+            if backward:
+                rotate().backward(grad)
+            else:
+                with torch.no_grad():
+                    rotate()
 
         return step
 
-    steps = [ours("cuda") if kernels_usable(device) else None, ours("torch"), lambda: oft(x).backward(grad)]
+    def ours(mode: str) -> Callable[[], None]:
+        def rotate() -> torch.Tensor:
+            with kernel_path(mode):
+                return BlockRotation.from_packed(layout, perm, packed, TERMS).apply(x)
+
+        return timed(rotate)
+
+    steps = [ours("cuda") if kernels_usable(device) else None, ours("torch"), timed(lambda: oft(x))]
     return [milliseconds(step, device, repeats) if step else None for step in steps]
+
+
+def host_microseconds(device: torch.device, mode: str, calls: int = 200) -> Optional[float]:
+    """Host time per call (µs) of a rotation too small for the device to matter: 16 tokens, d=256, b=64, forward,
+    the calls queued back to back and synchronized once."""
+    if mode == "cuda" and not kernels_usable(device):
+        return None
+    layout = block_stochastic_layout(256, 64)
+    perm, packed = torch.randperm(256, device=device), torch.randn(layout.num_parameters, device=device) * 0.01
+    x = torch.randn(16, 256, device=device)
+    with kernel_path(mode), torch.no_grad():
+        for _ in range(10):
+            BlockRotation.from_packed(layout, perm, packed, TERMS).apply(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            BlockRotation.from_packed(layout, perm, packed, TERMS).apply(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def cell(value: Optional[float]) -> str:
@@ -120,21 +157,22 @@ def ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
 
 
 def comparison_rows(results: dict) -> list[str]:
-    """Markdown rows of (b, d) → (kernel, torch reference, PEFT OFT) timings, with the kernel's speed-ups."""
+    """Markdown rows of (shape…) → (kernel, torch reference, PEFT OFT) timings, with the kernel's speed-ups."""
     return [
-        f"| {block} | {dim} | {cell(kernel)} | {cell(reference)} | {cell(oft)} "
+        f"| {' | '.join(map(str, shape))} | {cell(kernel)} | {cell(reference)} | {cell(oft)} "
         f"| {ratio(reference, kernel)} | {ratio(oft, kernel)} |"
-        for (block, dim), (kernel, reference, oft) in results.items()
+        for shape, (kernel, reference, oft) in results.items()
     ]
 
 
 def main() -> None:
-    """Measure both tables and print (and optionally record) them."""
+    """Measure the three tables and print (and optionally record) them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
-    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256] if gpu else [32, 64])
-    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 2048, 4096] if gpu else [256, 512])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256, 512] if gpu else [32, 64])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096] if gpu else [256, 512])
     parser.add_argument("--tokens", type=int, default=8192 if gpu else 512)
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
     parser.add_argument("--record", type=Path, default=None, help="append the tables to this Markdown file")
     args = parser.parse_args()
@@ -145,15 +183,18 @@ def main() -> None:
     cayley, rotation = {}, {}
     for block, dim in tqdm(shapes, desc="Cayley–Neumann and rotations"):
         cayley[block, dim] = cayley_row(block, dim, device, args.repeats)
-        rotation[block, dim] = rotation_row(block, dim, args.tokens, device, args.repeats)
+        for dtype, backward in [(dtype, backward) for dtype in args.dtypes for backward in (False, True)]:
+            times = rotation_row(block, dim, args.tokens, DTYPES[dtype], backward, device, args.repeats)
+            rotation[block, dim, dtype, "forward + backward" if backward else "forward"] = times
+    host = {mode: host_microseconds(device, mode) for mode in ("cuda", "torch")}
 
     lines = [
         f"Kernel benchmark, {date.today()}, {name}, torch {torch.__version__}",
         f"`python benchmarks/bench_ops.py --blocks {' '.join(map(str, args.blocks))} --dims "
-        f"{' '.join(map(str, args.dims))} --tokens {args.tokens} --repeats {args.repeats}` "
-        f"(ms, forward + backward, median of {args.repeats})",
+        f"{' '.join(map(str, args.dims))} --tokens {args.tokens} --dtypes {' '.join(args.dtypes)} --repeats "
+        f"{args.repeats}` (ms, median of {args.repeats})",
         "",
-        f"Cayley–Neumann ({TERMS} terms), d/b blocks:",
+        f"Cayley–Neumann ({TERMS} terms), d/b blocks, forward + backward:",
         "",
         "| b | d | kernel | torch reference | PEFT OFT | kernel speed-up vs torch | vs OFT |",
         "|---|---|---|---|---|---|---|",
@@ -161,12 +202,17 @@ def main() -> None:
     lines += comparison_rows(cayley)
     lines += [
         "",
-        f"Input-centric rotation of {args.tokens}×d bf16 activations (blocks built, then applied):",
+        f"Input-centric rotation of {args.tokens}×d activations (blocks built, then applied):",
         "",
-        "| b | d | kernels | torch reference | PEFT OFT (no permutation) | speed-up vs torch | vs OFT |",
-        "|---|---|---|---|---|---|---|",
+        "| b | d | dtype | pass | kernels | torch reference | PEFT OFT (no permutation) | speed-up vs torch | vs OFT |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += comparison_rows(rotation)
+    lines += [
+        "",
+        f"Host time per rotation call, 16 tokens, d=256, b=64, forward: kernels {cell(host['cuda'])} µs, torch "
+        f"{cell(host['torch'])} µs",
+    ]
     publish("\n".join(lines), args.record)
 
 

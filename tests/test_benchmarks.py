@@ -118,6 +118,21 @@ def test_bench_pretrain_widens_each_sweep_reseeds_ablates_and_resumes(tmp_path):
     assert len(results.read_text().splitlines()) == 7
 
 
+def test_bench_ops_times_each_shape_dtype_and_pass(tmp_path):
+    flags = ["--blocks", "8", "--dims", "32", "--tokens", "16", "--dtypes", "float32", "bfloat16", "--repeats", "1"]
+    text = run_benchmark(tmp_path, "bench_ops.py", *flags)
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()]
+    rotations = [row for row in cells if len(row) == 9 and row[0] == "8"]
+    assert [(row[2], row[3]) for row in rotations] == [
+        (dtype, rotation_pass)
+        for dtype in ("float32", "bfloat16")
+        for rotation_pass in ("forward", "forward + backward")
+    ]
+    # Without a GPU the kernel columns say n/a and the torch ones are times.
+    assert all(row[4] == "n/a" and float(row[5]) > 0 and float(row[6]) > 0 for row in rotations)
+    assert "kernels n/a µs, torch " in text
+
+
 def test_bench_memory_counts_what_a_step_keeps_and_resumes(tmp_path):
     methods = ["--methods", "adamw", "poet --block 256", "poet --block 256 --memory_mode store"]
     flags = ["--batches", "1x64", "--steps", "0", "--results", str(tmp_path / "runs.jsonl"), *methods]
