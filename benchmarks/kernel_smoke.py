@@ -14,6 +14,7 @@ compute-sanitizer (racecheck, synccheck, memcheck) with a small --largest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import torch
@@ -21,7 +22,9 @@ import torch
 from poet_peft.ops import kernels
 from poet_peft.ops.orthogonal import packed_size
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Each rotation kernel: fp32 on CUDA cores and as TF32 on tensor cores, fp64, and the 16-bit tensor-core ones.
+VARIANTS = [(torch.float32, False), (torch.float32, True), (torch.float64, False)]
+VARIANTS += [(torch.float16, False), (torch.bfloat16, False)]
 
 
 def exercise_every_kernel(device: torch.device, sizes: tuple[int, ...], rows: int) -> None:
@@ -33,14 +36,26 @@ def exercise_every_kernel(device: torch.device, sizes: tuple[int, ...], rows: in
             grad_packed = kernels.cayley_neumann_backward(packed, torch.randn_like(blocks), size, 3)
             check_finite(f"cayley_neumann {rotation_dtype} b={size}", blocks, grad_packed)
         perm = torch.randperm(2 * size, device=device)
-        for dtype in DTYPES:
+        for dtype, tf32 in VARIANTS:
             blocks = kernels.cayley_neumann(
                 torch.randn(2, packed_size(size), device=device, dtype=kernels.accumulator_dtype(dtype)) * 0.01, size, 3
             )
             x = torch.randn(rows, 2 * size, device=device, dtype=dtype)
-            y = kernels.block_rotate(x, perm, [blocks], False, True)
-            grads = kernels.block_rotate_grad_blocks(x, torch.randn_like(y), perm, [2], [size], False)
-            check_finite(f"block_rotate {dtype} b={size}", y, *grads)
+            with tf32_matmuls(tf32):
+                y = kernels.block_rotate(x, perm, [blocks], False, True)
+                grads = kernels.block_rotate_grad_blocks(x, torch.randn_like(y), perm, [2], [size], False)
+            check_finite(f"block_rotate {dtype}{' as TF32' if tf32 else ''} b={size}", y, *grads)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allowed: bool):
+    """Let fp32 matmuls (and so fp32 rotations) run as TF32, or not, inside the block."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if allowed else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def check_finite(what: str, *tensors: torch.Tensor) -> None:

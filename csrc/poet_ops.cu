@@ -329,3 +329,185 @@ block_rotate_grad_blocks(const T* __restrict__ a, long long a_row_stride, long l
         if (i < size && j < size) out[i * size + j] = acc[k];
     }
 }
+
+
+// ---- Tensor cores: mma.sync m16n8k8 with fp32 accumulation (sm_80+), TF32 for float data, bf16 and fp16 native.
+// Fragment layouts as in the PTX ISA ("Matrix Fragments for mma.m16n8k8"), with g = lane / 4 and t = lane % 4:
+// A (16×8) holds rows g and g + 8, B (8×8) column g, C (16×8) rows g, g + 8 and columns 2t, 2t + 1. TF32 keeps
+// one element per register (A's columns t and t + 4, B's rows t and t + 4); 16-bit types pack two, the lower
+// index in the lower half (A's columns 2t and 2t + 1, B's rows 2t and 2t + 1).
+
+#define POET_MMA_TILE 64                        // a thread block's output tile is 64×64: 8 warps of 32×16
+#define POET_MMA_DEPTH 16                       // reduction elements staged in shared memory per step
+#define POET_MMA_A_STRIDE (POET_MMA_DEPTH + 4)  // padded rows of the staged A (64 × DEPTH) and B (DEPTH × 64)
+#define POET_MMA_B_STRIDE (POET_MMA_TILE + 8)
+
+// How data of type T enters the tensor cores: the word one staged element occupies, and the rounding to it.
+template <typename T>
+struct TensorCore;
+template <>
+struct TensorCore<float> {  // TF32: to nearest (ties away from zero) at 10 mantissa bits, in a 32-bit word
+    typedef unsigned int word;
+    static constexpr int kind = 0;
+    __device__ static word encode(float value) {
+#ifdef __CUDA_ARCH__
+        word bits;
+        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(value));
+        return bits;
+#else
+        word bits = bits_from_float(value);
+        return (bits & 0x7f800000u) == 0x7f800000u ? bits : (bits + 0x1000u) & 0xffffe000u;
+#endif
+    }
+};
+template <>
+struct TensorCore<poet_bf16> {
+    typedef unsigned short word;
+    static constexpr int kind = 1;
+    __device__ static word encode(float value) { return from_acc<poet_bf16>(value).bits; }
+};
+template <>
+struct TensorCore<poet_half> {
+    typedef unsigned short word;
+    static constexpr int kind = 2;
+    __device__ static word encode(float value) { return from_acc<poet_half>(value).bits; }
+};
+
+// d += A·B for one warp's fragments (16-bit types use a[0..1] and b[0]). The emulator models the instruction.
+template <typename T>
+__device__ __forceinline__ void warp_mma(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
+#ifdef POET_EMULATED
+    emulated_warp_mma(TensorCore<T>::kind, d, a, b);
+#else
+    if constexpr (TensorCore<T>::kind == 0)
+        asm volatile(
+            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else if constexpr (TensorCore<T>::kind == 1)
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+#endif
+}
+
+// This thread block's 64×64 tile D[m][n] = Σₖ A[m][k]·B[k][n], k < depth, on tensor cores: A and B are read as
+// floats through load_a(m, k) and load_b(k, n) (which return 0 outside the operands), staged DEPTH elements of k
+// at a time, and each result goes to store(m, n, value). a_k_fastest / b_n_fastest say which index neighbouring
+// threads should step through when loading (the one along which the operand is contiguous in memory). Every
+// thread of the block must call this (the emulator's model of mma.sync relies on it).
+template <typename T, typename LoadA, typename LoadB, typename Store>
+__device__ void tensor_core_tile(const LoadA& load_a, bool a_k_fastest, const LoadB& load_b, bool b_n_fastest,
+                                 long long depth, const Store& store) {
+    typedef typename TensorCore<T>::word Word;
+    Word* a_stage = reinterpret_cast<Word*>(poet_shared);  // 64 rows m × DEPTH
+    Word* b_stage = a_stage + POET_MMA_TILE * POET_MMA_A_STRIDE;  // DEPTH rows k × 64
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int m_warp = (warp / 4) * 32, n_warp = (warp % 4) * 16;
+    float acc[2][2][4];
+#pragma unroll
+    for (int e = 0; e < 16; ++e) acc[e / 8][(e / 4) % 2][e % 4] = 0.0f;
+    for (long long k0 = 0; k0 < depth; k0 += POET_MMA_DEPTH) {
+        __syncthreads();  // the previous step's fragments are read
+        for (int e = threadIdx.x; e < POET_MMA_TILE * POET_MMA_DEPTH; e += POET_THREADS) {
+            int m = a_k_fastest ? e / POET_MMA_DEPTH : e % POET_MMA_TILE;
+            int k = a_k_fastest ? e % POET_MMA_DEPTH : e / POET_MMA_TILE;
+            a_stage[m * POET_MMA_A_STRIDE + k] = TensorCore<T>::encode(k0 + k < depth ? load_a(m, k0 + k) : 0.0f);
+            int n = b_n_fastest ? e % POET_MMA_TILE : e / POET_MMA_DEPTH;
+            int kb = b_n_fastest ? e / POET_MMA_TILE : e % POET_MMA_DEPTH;
+            b_stage[kb * POET_MMA_B_STRIDE + n] = TensorCore<T>::encode(k0 + kb < depth ? load_b(k0 + kb, n) : 0.0f);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < POET_MMA_DEPTH; kk += 8) {
+            unsigned int a[2][4], b[2][2];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                const Word* row = a_stage + (m_warp + mt * 16 + g) * POET_MMA_A_STRIDE + kk;
+                const Word* row8 = row + 8 * POET_MMA_A_STRIDE;
+                if constexpr (TensorCore<T>::kind == 0) {
+                    a[mt][0] = row[t], a[mt][1] = row8[t], a[mt][2] = row[t + 4], a[mt][3] = row8[t + 4];
+                } else {
+                    a[mt][0] = row[2 * t] | (unsigned int)row[2 * t + 1] << 16;
+                    a[mt][1] = row8[2 * t] | (unsigned int)row8[2 * t + 1] << 16;
+                    a[mt][2] = a[mt][3] = 0;
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const Word* column = b_stage + kk * POET_MMA_B_STRIDE + n_warp + nt * 8 + g;
+                if constexpr (TensorCore<T>::kind == 0) {
+                    b[nt][0] = column[t * POET_MMA_B_STRIDE], b[nt][1] = column[(t + 4) * POET_MMA_B_STRIDE];
+                } else {
+                    b[nt][0] = column[2 * t * POET_MMA_B_STRIDE] | (unsigned int)column[(2 * t + 1) * POET_MMA_B_STRIDE]
+                                                                      << 16;
+                    b[nt][1] = 0;
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) warp_mma<T>(acc[mt][nt], a[mt], b[nt]);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+        int mt = e / 8, nt = (e / 4) % 2, i = e % 4;
+        store(m_warp + mt * 16 + g + 8 * (i / 2), n_warp + nt * 8 + 2 * t + (i % 2), acc[mt][nt][i]);
+    }
+}
+
+// block_rotate on tensor cores, for float (as TF32), bfloat16 and half data: y[n, π(i)] = Σⱼ B[i][j]·x[n, π(j)]
+// (Bᵀ if transpose), the gather and scatter through π fused into the loads and stores. Block x owns rows
+// [64·x, 64·x + 64), block y is the rotation block, block z its outputs i in [64·z, 64·z + 64).
+template <typename T>
+__global__ void __launch_bounds__(POET_THREADS, 2)
+block_rotate_mma(const T* __restrict__ x, long long x_row_stride, long long x_col_stride, long long rows,
+                 T* __restrict__ y, long long y_row_stride, long long y_col_stride, const long long* __restrict__ perm,
+                 long long start, long long size, const float* __restrict__ blocks, long long transpose) {
+    long long block = blockIdx.y, n0 = (long long)blockIdx.x * POET_MMA_TILE;
+    long long i0 = (long long)blockIdx.z * POET_MMA_TILE;
+    const long long* index = perm + start + block * size;
+    const float* rotation = blocks + block * size * size;
+    auto load_a = [&](long long m, long long k) -> float {
+        long long i = i0 + m;
+        return i < size ? (transpose ? rotation[k * size + i] : rotation[i * size + k]) : 0.0f;
+    };
+    auto load_b = [&](long long k, long long n) -> float {
+        return n0 + n < rows ? to_acc(x[(n0 + n) * x_row_stride + index[k] * x_col_stride]) : 0.0f;
+    };
+    auto store = [&](long long m, long long n, float value) {
+        if (i0 + m < size && n0 + n < rows) y[(n0 + n) * y_row_stride + index[i0 + m] * y_col_stride] = from_acc<T>(value);
+    };
+    tensor_core_tile<T>(load_a, transpose == 0, load_b, x_row_stride == 1, size, store);
+}
+
+// block_rotate_grad_blocks on tensor cores: the partial G[i][j] = Σₙ a[n, π(i)]·b[n, π(j)] over the rows of slice
+// blockIdx.z, in 64×64 tiles (block x), for rotation block y; written to grad[blockIdx.z] as the CUDA-core kernel.
+template <typename T>
+__global__ void __launch_bounds__(POET_THREADS, 2)
+block_rotate_grad_blocks_mma(const T* __restrict__ a, long long a_row_stride, long long a_col_stride,
+                             const T* __restrict__ b, long long b_row_stride, long long b_col_stride, long long rows,
+                             const long long* __restrict__ perm, long long start, long long size,
+                             float* __restrict__ grad) {
+    long long tiles = (size + POET_MMA_TILE - 1) / POET_MMA_TILE;
+    long long i0 = (blockIdx.x / tiles) * POET_MMA_TILE, j0 = (blockIdx.x % tiles) * POET_MMA_TILE;
+    long long block = blockIdx.y, slice = (rows + gridDim.z - 1) / gridDim.z;
+    long long first = blockIdx.z * slice, last = first + slice < rows ? first + slice : rows;
+    const long long* index = perm + start + block * size;
+    auto load_a = [&](long long m, long long k) -> float {
+        return i0 + m < size ? to_acc(a[(first + k) * a_row_stride + index[i0 + m] * a_col_stride]) : 0.0f;
+    };
+    auto load_b = [&](long long k, long long n) -> float {
+        return j0 + n < size ? to_acc(b[(first + k) * b_row_stride + index[j0 + n] * b_col_stride]) : 0.0f;
+    };
+    float* out = grad + (blockIdx.z * gridDim.y + block) * size * size;
+    auto store = [&](long long m, long long n, float value) {
+        if (i0 + m < size && j0 + n < size) out[(i0 + m) * size + j0 + n] = value;
+    };
+    tensor_core_tile<T>(load_a, a_row_stride == 1, load_b, false, last > first ? last - first : 0, store);
+}

@@ -50,6 +50,59 @@ inline T atomicAdd(T* address, T value) {
     return std::atomic_ref<T>(*address).fetch_add(value);
 }
 
+// A software model of mma.sync.aligned.m16n8k8.row.col.f32.{tf32,bf16,f16}: d += A·B for one warp, each thread
+// holding its fragments in the PTX ISA's layout (see poet_ops.cu). kind 0 is TF32 (a[0..3], b[0..1], one element
+// each, only the TF32 bits used), 1 bf16 and 2 fp16 (a[0..1], b[0], two elements each, lower index low). The
+// threads of a warp exchange fragments through memory between two block barriers, so every thread of the block
+// must reach each call, as the kernels guarantee. Products are summed in float in k order.
+struct EmulatedFragments {
+    unsigned int a[4], b[2];
+};
+inline EmulatedFragments emulated_fragments[1024];
+
+inline float emulated_element(int kind, const unsigned int* words, int index) {
+    unsigned int bits;
+    if (kind == 0) {
+        bits = words[index] & 0xffffe000u;
+    } else {
+        unsigned int half = (words[index / 2] >> (16 * (index % 2))) & 0xffffu;
+        if (kind == 1) {
+            bits = half << 16;
+        } else {  // IEEE half to float
+            unsigned int sign = (half & 0x8000u) << 16, exponent = (half >> 10) & 0x1fu, mantissa = half & 0x3ffu;
+            if (exponent == 0) {
+                float magnitude = (float)mantissa * 5.9604644775390625e-8f;
+                return sign ? -magnitude : magnitude;
+            }
+            bits = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13) : ((exponent + 112) << 23) | (mantissa << 13));
+        }
+    }
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+}
+
+inline void emulated_warp_mma(int kind, float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
+    unsigned int self = threadIdx.x, warp = self / 32 * 32, g = self % 32 / 4, t = self % 4;
+    emulated_fragments[self] = {{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+    __syncthreads();
+    for (int i = 0; i < 4; ++i) {
+        unsigned int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float sum = d[i];
+        for (unsigned int k = 0; k < 8; ++k) {
+            // Where A[row][k] and B[k][col] live: which lane of the warp, which element of its fragment.
+            unsigned int a_lane = row % 8 * 4 + (kind == 0 ? k % 4 : k / 2);
+            int a_index = kind == 0 ? row / 8 + 2 * (k / 4) : k % 2 + 2 * (row / 8);
+            unsigned int b_lane = col * 4 + (kind == 0 ? k % 4 : k / 2);
+            int b_index = kind == 0 ? k / 4 : k % 2;
+            sum += emulated_element(kind, emulated_fragments[warp + a_lane].a, a_index) *
+                   emulated_element(kind, emulated_fragments[warp + b_lane].b, b_index);
+        }
+        d[i] = sum;
+    }
+    __syncthreads();  // every lane has read the fragments before they are overwritten
+}
+
 // Runs kernel(args...) on grid×block threads with `shared_bytes` of dynamic shared memory.
 template <typename... Params, typename... Args>
 void emulate_launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared_bytes, Args... args) {

@@ -156,7 +156,27 @@ def test_block_rotation_matches_float64(device, dtype):
             assert relative_error(minus_identity.cpu(), expected.cpu()) <= TOLERANCE[dtype], layout
 
 
-def test_block_rotation_gradients_match_float64(device):
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+def test_block_rotation_gradients_match_float64(device, tf32, monkeypatch):
+    # fp32 rotations run on CUDA cores, or as TF32 on tensor cores where torch lets its own fp32 matmuls (its flag
+    # allow_tf32); TF32 keeps 10 mantissa bits of each operand, so its error is ~2⁻¹¹ relative.
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        check_rotation_gradients(device, tf32, monkeypatch)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def check_rotation_gradients(device, tf32, monkeypatch):
+    launched, launch = set(), kernels._launch
+
+    def recorded(device, name, *rest):
+        launched.add(name)
+        launch(device, name, *rest)
+
+    monkeypatch.setattr(kernels, "_launch", recorded)
+    tolerance = 3e-3 if tf32 else TOLERANCE[torch.float32]
     for layout in LAYOUTS[device.type]:
         perm, packed = random_rotation(layout, device)
         x = torch.randn(21, layout.dim, device=device)
@@ -171,8 +191,12 @@ def test_block_rotation_gradients_match_float64(device):
             results.append((leaf_packed.grad, leaf_x.grad))
         (packed_32, x_32), (packed_64, x_64) = results
         assert torch.isfinite(packed_32).all() and torch.isfinite(x_32).all()
-        assert relative_error(packed_32.cpu(), packed_64.cpu()) <= TOLERANCE[torch.float32], layout
-        assert relative_error(x_32.cpu(), x_64.cpu()) <= TOLERANCE[torch.float32], layout
+        assert relative_error(packed_32.cpu(), packed_64.cpu()) <= tolerance, layout
+        assert relative_error(x_32.cpu(), x_64.cpu()) <= tolerance, layout
+    on_tensor_cores = {"block_rotate_mma<float>", "block_rotate_grad_blocks_mma<float>"}
+    on_cuda_cores = {"block_rotate<float>", "block_rotate_grad_blocks<float>"}
+    assert launched >= (on_tensor_cores if tf32 else on_cuda_cores)
+    assert not launched & (on_cuda_cores if tf32 else on_tensor_cores)
 
 
 def test_block_rotation_gradcheck(device):
@@ -272,7 +296,7 @@ def test_training_builds_only_the_float32_and_16_bit_kernels(monkeypatch):
 
     monkeypatch.setattr(kernels, "_compiled_module", lambda capability, names: modules.append(names) or Module(names))
     kernel_function.__wrapped__((9, 0), "cayley_neumann_backward<double>")
-    kernel_function.__wrapped__((9, 0), "block_rotate<poet_bf16>")
+    kernel_function.__wrapped__((9, 0), "block_rotate_mma<poet_bf16>")
     assert modules == [kernels.FLOAT64_KERNELS, kernels.TRAINING_KERNELS]
 
 

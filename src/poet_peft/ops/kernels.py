@@ -30,6 +30,8 @@ MAX_OUTPUTS = 16  # POET_MAX_OUTPUTS: outputs of a tile per thread
 SHARED_MEMORY = 47 * 1024
 MAX_GRID_Y = 65_535  # CUDA's limit on gridDim.y, which counts rotation blocks: more are launched in chunks
 GRAD_TILE, GRAD_CHUNK = 32, 32  # POET_GRAD_TILE, POET_GRAD_CHUNK
+# The tensor-core kernels' output tile, staged reduction depth and padded staging strides (POET_MMA_*).
+MMA_TILE, MMA_DEPTH, MMA_A_STRIDE, MMA_B_STRIDE = 64, 16, 20, 72
 MAX_BLOCK = 512  # larger blocks (POET-FS) are dense GEMMs: cuBLAS through the torch path does them better
 COMPILE_OPTIONS = ("-std=c++17",)
 # What CuPy adds to COMPILE_OPTIONS when it compiles a RawModule: float subnormals flush to zero (the emulator models
@@ -45,7 +47,16 @@ KERNEL_NAMES = tuple(
         for kernel in ("cayley_neumann_forward", "cayley_neumann_backward")
         for c_type in ("float", "double")
     ]
-    + [f"{kernel}<{c_type}>" for kernel in ("block_rotate", "block_rotate_grad_blocks") for c_type in _C_TYPES.values()]
+    + [
+        f"{kernel}<{c_type}>"
+        for kernel in ("block_rotate", "block_rotate_grad_blocks")
+        for c_type in ("float", "double")
+    ]
+    + [
+        f"{kernel}<{c_type}>"
+        for kernel in ("block_rotate_mma", "block_rotate_grad_blocks_mma")
+        for c_type in ("float", "poet_bf16", "poet_half")
+    ]
 )
 # Training never runs the float64 instantiations (rotations are float32 whatever the weights' dtype; float64 is for
 # reference checks), and they take a quarter of the build: they are a second module, compiled on first use.
@@ -388,6 +399,21 @@ def _check_rotation_inputs(x: torch.Tensor, perm: torch.Tensor, blocks: Sequence
         raise ValueError(f"blocks of a {x.dtype} x must be {expected}, shaped (count, size, size); got {found}")
 
 
+def on_tensor_cores(dtype: torch.dtype) -> bool:
+    """Whether rotations of `dtype` data run on tensor cores: always for bf16 and fp16, for fp32 as TF32 where torch's
+    own fp32 matmuls may (`torch.set_float32_matmul_precision("high")`, i.e. `torch.backends.cuda.matmul.allow_tf32`),
+    never for fp64."""
+    return dtype in (torch.bfloat16, torch.float16) or (
+        dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    )
+
+
+def _mma_shared_memory(dtype: torch.dtype) -> int:
+    """Bytes of the tensor-core kernels' staging: A (tile × depth) and B (depth × tile), padded, in words of dtype."""
+    word = 4 if dtype == torch.float32 else 2
+    return (MMA_TILE * MMA_A_STRIDE + MMA_DEPTH * MMA_B_STRIDE) * word
+
+
 @torch.library.custom_op("poet_peft::block_rotate", mutates_args=())
 def block_rotate(
     x: torch.Tensor, perm: torch.Tensor, blocks: list[torch.Tensor], transpose: bool, keep_uncovered: bool
@@ -403,16 +429,29 @@ def block_rotate(
     perm = perm.contiguous()  # read by pointer
     y = _new_output(x)
     for group, (start, count, size) in zip(blocks, _groups(counts, sizes)):
-        columns, depth = _tile(size, 1, group.element_size(), max(1, rows))
-        shared = size * (columns + depth) * group.element_size()
         group = group.contiguous()
         for first, chunk in _chunks(count):
-            grid = (math.ceil(rows / columns), chunk, 1)
-            chunk_blocks = group[first : first + chunk]
-            args = [x, *x.stride(), rows, y, *y.stride(), perm, start + first * size, size, chunk_blocks]
-            _launch(
-                x.device, f"block_rotate<{_C_TYPES[x.dtype]}>", grid, shared, [*args, int(transpose), columns, depth]
-            )
+            args = [
+                x,
+                *x.stride(),
+                rows,
+                y,
+                *y.stride(),
+                perm,
+                start + first * size,
+                size,
+                group[first : first + chunk],
+            ]
+            if on_tensor_cores(x.dtype):
+                grid = (math.ceil(rows / MMA_TILE), chunk, math.ceil(size / MMA_TILE))
+                name, shared = f"block_rotate_mma<{_C_TYPES[x.dtype]}>", _mma_shared_memory(x.dtype)
+                _launch(x.device, name, grid, shared, [*args, int(transpose)])
+            else:
+                columns, depth = _tile(size, 1, group.element_size(), max(1, rows))
+                shared = size * (columns + depth) * group.element_size()
+                grid = (math.ceil(rows / columns), chunk, 1)
+                name = f"block_rotate<{_C_TYPES[x.dtype]}>"
+                _launch(x.device, name, grid, shared, [*args, int(transpose), columns, depth])
     if covered < dim:  # POET-FS: coordinates outside the subset pass through (or are zero, for M − I)
         rest = perm[covered:]
         y.index_copy_(1, rest, x.index_select(1, rest) if keep_uncovered else x.new_zeros(rows, dim - covered))
@@ -433,16 +472,20 @@ def block_rotate_grad_blocks(
     # dL/dB[i][j] = Σₙ dy[n, π(i)]·x[n, π(j)] for y = B·x; for y = Bᵀ·x the roles of x and dy swap.
     a, b = (x, grad_y) if transpose else (grad_y, x)
     perm = perm.contiguous()  # read by pointer
-    name = f"block_rotate_grad_blocks<{_C_TYPES[x.dtype]}>"
+    if on_tensor_cores(x.dtype):
+        name, tile, shared = f"block_rotate_grad_blocks_mma<{_C_TYPES[x.dtype]}>", MMA_TILE, _mma_shared_memory(x.dtype)
+    else:
+        name, tile = f"block_rotate_grad_blocks<{_C_TYPES[x.dtype]}>", GRAD_TILE
+        shared = 2 * GRAD_CHUNK * GRAD_TILE * accumulator_dtype(x.dtype).itemsize
     grads = []
     for start, count, size in _groups(counts, sizes):
-        tiles = math.ceil(size / GRAD_TILE)
-        # Split the rows so that the GPU has enough blocks; the partial sums are added in a fixed order.
+        tiles = math.ceil(size / tile)
+        # Split the rows so that the GPU has enough blocks (slices of at least 8 tiles' worth of rows); the partial
+        # sums are added in a fixed order.
         splits = max(1, min(math.ceil(1024 / (tiles * tiles * count)), math.ceil(rows / (8 * GRAD_CHUNK))))
         chunk_grads = []
         for first, chunk in _chunks(count):
             partial = _new_output(x, (splits, chunk, size, size), accumulator_dtype(x.dtype))
-            shared = 2 * GRAD_CHUNK * GRAD_TILE * partial.element_size()
             args = [a, *a.stride(), b, *b.stride(), rows, perm, start + first * size, size, partial]
             _launch(x.device, name, (tiles * tiles, chunk, splits), shared, args)
             chunk_grads.append(partial.sum(0))
