@@ -50,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from run_clm import MODEL_SIZES  # noqa: E402
 
 BASE = "poet-bs b=h/2"  # the method the ablations vary
+# A run's tokens/s count only if the machine's 1-minute load at its end was at most this (one run_clm process on
+# two cores keeps it near 2): another job beside it slows it by an unknown factor.
+QUIET_LOAD = 3.0
 
 
 @dataclass(frozen=True)
@@ -244,8 +247,8 @@ def report(done: dict[Run, dict], args: argparse.Namespace) -> list[str]:
         f"block linears {block_params:,} parameters{share}; {tokens:,} tokens per run = "
         f"{tokens / block_params:.2f} tokens per block parameter; validation on {args.eval_samples} sequences)",
         "",
-        "| method | best lr | validation ppl (mean ± sd) | seeds | tokens/s | peak RSS (MiB) | trainable params | "
-        "ppl at each lr (seed 0) |",
+        "| method | best lr | validation ppl (mean ± sd) | seeds | tokens/s (quiet runs) | peak RSS (MiB) | "
+        "trainable params | ppl at each lr (seed 0) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     ranked = []
@@ -266,7 +269,8 @@ def report(done: dict[Run, dict], args: argparse.Namespace) -> list[str]:
                           for k in sorted(sweep))  # fmt: skip
         edge = "" if settled(done, name, args) else " (sweep still at an edge)"
         finished = [r for r in runs if "tokens_per_second" in r]
-        speed = f"{statistics.median(r['tokens_per_second'] for r in finished):,.0f}" if finished else ""
+        quiet = [r["tokens_per_second"] for r in finished if r["load_average"] <= QUIET_LOAD]
+        speed = f"{statistics.median(quiet):,.0f}" if quiet else "(busy machine)" if finished else ""
         memory = f"{max(r['peak_rss_mib'] for r in finished):.0f}" if finished else ""
         trainable = f"{finished[0]['trainable']:,}" if finished else ""
         lines.append(
