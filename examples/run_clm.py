@@ -608,23 +608,28 @@ def wrap_lora(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Modu
     return get_peft_model(model, config)
 
 
-def galore_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
-    """The usual groups, with the transformer-block weights moved to a group GaLore projects (its paper's targets)."""
-    projected = {id(linear.weight) for _, linear in poet_peft.matching_linears(model, BLOCK_LINEARS.split(","))}
+def block_weights_apart(model: torch.nn.Module, args: argparse.Namespace, name: str, **settings) -> list[dict]:
+    """The usual groups, with the transformer-block weights moved to a group `name` holding `settings` (the
+    baselines' optimizers treat those matrices their own way)."""
+    moved = {id(linear.weight) for _, linear in poet_peft.matching_linears(model, BLOCK_LINEARS.split(","))}
     groups = param_groups(model, args)
     matrices = next(group for group in groups if group["name"] == "matrices")
-    matrices["params"] = [p for p in matrices["params"] if id(p) not in projected]
-    galore = {
-        "name": "galore",
-        "params": [p for p in model.parameters() if id(p) in projected],
+    matrices["params"] = [p for p in matrices["params"] if id(p) not in moved]
+    apart = {
+        "name": name,
+        "params": [p for p in model.parameters() if id(p) in moved],
         "lr": matrices["lr"],
         "weight_decay": matrices["weight_decay"],
-        "rank": args.galore_rank or model.config.hidden_size // 4,
-        "update_proj_gap": args.galore_update_proj_gap,
-        "scale": args.galore_scale,
-        "proj_type": "std",
+        **settings,
     }
-    return [*groups, galore]
+    return [group for group in [*groups, apart] if group["params"]]
+
+
+def galore_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """The usual groups, with the transformer-block weights in a group GaLore projects (its paper's targets)."""
+    rank = args.galore_rank or model.config.hidden_size // 4
+    settings = dict(rank=rank, update_proj_gap=args.galore_update_proj_gap, scale=args.galore_scale, proj_type="std")
+    return block_weights_apart(model, args, "galore", **settings)
 
 
 def galore_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
@@ -643,19 +648,8 @@ def galore_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def muon_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
-    """The usual groups, with the transformer-block weights moved to a group Muon updates (the rest stay AdamW's)."""
-    orthogonalized = {id(linear.weight) for _, linear in poet_peft.matching_linears(model, BLOCK_LINEARS.split(","))}
-    groups = param_groups(model, args)
-    matrices = next(group for group in groups if group["name"] == "matrices")
-    matrices["params"] = [p for p in matrices["params"] if id(p) not in orthogonalized]
-    muon = {
-        "name": "muon",
-        "params": [p for p in model.parameters() if id(p) in orthogonalized],
-        "lr": matrices["lr"],
-        "weight_decay": matrices["weight_decay"],
-        "muon": True,
-    }
-    return [group for group in [*groups, muon] if group["params"]]
+    """The usual groups, with the transformer-block weights in a group Muon updates (the rest stay AdamW's)."""
+    return block_weights_apart(model, args, "muon", muon=True)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

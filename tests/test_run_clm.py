@@ -241,12 +241,17 @@ def test_galore_keeps_adam_moments_in_the_rank_hidden_over_4_projection():
     assert optimizer.state[model.lm_head.weight]["exp_avg"].shape == model.lm_head.weight.shape  # plain AdamW
 
 
-def test_galore_pretraining_learns_and_resumes_exactly(cache, tmp_path):
-    flags = [*NANO, "--method", "galore", "--max_train_steps", "60", "--galore_update_proj_gap", "20"]
+@pytest.mark.parametrize(
+    "method, flags",
+    [("galore", ["--galore_update_proj_gap", "20"]), ("muon", ["--learning_rate", "1e-2"])],
+    ids=["galore", "muon"],
+)
+def test_baseline_optimizers_learn_and_resume_exactly(cache, tmp_path, method, flags):
+    flags = [*NANO, "--method", method, *flags, "--max_train_steps", "60"]
     flags += ["--logging_steps", "5", "--eval_steps", "30", "--checkpointing_steps", "30"]
     run_script(cache, tmp_path / "full", *flags)
     assert_learns(metrics(tmp_path / "full"))
-    # The projections (GaLoreProjector objects in the optimizer state) come back from the checkpoint.
+    # GaLore's projections (GaLoreProjector objects in its state) and Muon's momenta come back from the checkpoint.
     checkpoint = tmp_path / "full" / "checkpoints" / "step_30"
     run_script(cache, tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(checkpoint))
     expected = [point for point in series(metrics(tmp_path / "full"), "train/loss") if point[0] > 30]
@@ -298,17 +303,6 @@ def test_muon_orthogonalizes_the_block_weights_and_adamw_updates_the_rest():
         net(input_ids=batch, labels=batch).loss.backward()
         stepper.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored_model.parameters()))
-
-
-def test_muon_pretraining_learns_and_resumes_exactly(cache, tmp_path):
-    flags = [*NANO, "--method", "muon", "--max_train_steps", "60", "--learning_rate", "1e-2"]
-    flags += ["--logging_steps", "5", "--eval_steps", "30", "--checkpointing_steps", "30"]
-    run_script(cache, tmp_path / "full", *flags)
-    assert_learns(metrics(tmp_path / "full"))
-    checkpoint = tmp_path / "full" / "checkpoints" / "step_30"
-    run_script(cache, tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(checkpoint))
-    expected = [point for point in series(metrics(tmp_path / "full"), "train/loss") if point[0] > 30]
-    assert series(metrics(tmp_path / "resumed"), "train/loss") == expected
 
 
 def test_poet_ablation_flags_reach_the_config():
