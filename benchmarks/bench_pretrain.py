@@ -120,7 +120,7 @@ class Run:
 
 def setting(args: argparse.Namespace) -> dict:
     """What every run of one benchmark shares; runs in the results file with another setting are not reused."""
-    keys = ("model_size", "vocab_size", "steps", "batch_size", "block_size", "eval_samples", "lr_step")
+    keys = ("model_size", "vocab_size", "steps", "batch_size", "block_size", "eval_samples", "lr_step", "warmup_steps")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -138,7 +138,8 @@ def train(run: Run, args: argparse.Namespace, workdir: Path) -> dict:
         "--poet_lr" if method.poet else "--learning_rate", f"{lr:.6g}", *ABLATIONS.get(run.ablation, ()),
         "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.batch_size),
         "--max_train_steps", str(args.steps), "--eval_steps", str(args.steps), "--logging_steps", "10",
-        "--max_eval_samples", str(args.eval_samples), "--seed", str(run.seed),
+        "--max_eval_samples", str(args.eval_samples), "--num_warmup_steps", str(args.warmup_steps),
+        "--seed", str(run.seed),
     ]  # fmt: skip
     record = {**run.__dict__, "lr": lr, "setting": setting(args), "flags": flags}
     label = f"{run.method} {run.ablation} lr {lr:.3g} seed {run.seed}".replace("  ", " ")
@@ -242,7 +243,7 @@ def report(done: dict[Run, dict], args: argparse.Namespace) -> list[str]:
         f"Pretraining benchmark, {date.today()}, {machine}, torch {torch.__version__}, {len(done)} runs",
         f"`python benchmarks/bench_pretrain.py --model_size {args.model_size} --vocab_size {args.vocab_size} --steps "
         f"{args.steps} --batch_size {args.batch_size} --block_size {args.block_size} --eval_samples "
-        f"{args.eval_samples} --lr_step {args.lr_step:g}`",
+        f"{args.eval_samples} --lr_step {args.lr_step:g} --warmup_steps {args.warmup_steps}`",
         f"(run_clm.py's {args.model_size} LLaMA, hidden {hidden}, {layers} layers, {args.vocab_size}-token BPE: "
         f"block linears {block_params:,} parameters{share}; {tokens:,} tokens per run = "
         f"{tokens / block_params:.2f} tokens per block parameter; validation on {args.eval_samples} sequences)",
@@ -311,6 +312,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--eval_samples", type=int, default=200, help="validation sequences")
+    parser.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up of every method (run_clm's)")
     parser.add_argument("--lr_step", type=float, default=2.0, help="ratio of neighbouring lrs of a sweep")
     parser.add_argument("--lr_steps", type=int, nargs="+", default=[-1, 0, 1], help="first grid: centre × step^k")
     parser.add_argument("--max_lr_points", type=int, default=6, help="widen a sweep at most to this many lrs")
@@ -329,7 +331,7 @@ def main() -> None:
     done: dict[Run, dict] = {}
     if args.results.exists():
         for record in map(json.loads, args.results.read_text().splitlines()):
-            if record["setting"] == setting(args):
+            if {"warmup_steps": 0, **record["setting"]} == setting(args):  # runs from before the flag had none
                 done[Run(record["method"], record["exponent"], record["seed"], record["ablation"])] = record
     with tempfile.TemporaryDirectory() as workdir, tqdm(desc="runs", unit="run") as progress:
         while (args.max_runs is None or progress.n < args.max_runs) and (run := next_run(done, args)):
