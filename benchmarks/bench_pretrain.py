@@ -7,6 +7,8 @@ embeddings). Every run trains on the bundled Wikipedia text, same data order, sa
 process (examples/run_clm.py), and is scored by validation perplexity. Methods:
 - adamw (everything trained), muon (torch.optim.Muon on the block matrices, AdamW on the rest, one lr), galore
   (galore-torch, rank hidden/4), lora (r = hidden/4 on the frozen random init, the rest trained);
+- adamw and muon with POET's split of lrs ("block-lr"): the block matrices at the swept lr (run_clm's
+  --block_lr), embeddings, norms and lm_head at the base lr of 1e-2;
 - poet-bs at b = hidden/2 and hidden/8, poet-fs at b = 1/2 (normalized-Gaussian W0), and poet-bs b = hidden/2
   with `--recipe official` (the official code's clip 0.1, no decay or warmup, its AdamW). POET's swept lr is its
   Q's; the rest of the model trains at the recipe's base lr (the paper's 1e-2).
@@ -61,7 +63,7 @@ class Method:
 
     flags: tuple[str, ...]
     centre: float
-    poet: bool = False
+    lr_flag: str = "--learning_rate"  # the lr the sweep moves
 
 
 def methods(hidden: int) -> dict[str, Method]:
@@ -76,10 +78,15 @@ def methods(hidden: int) -> dict[str, Method]:
         "muon": Method(("--method", "muon"), 4e-3),
         "galore": Method(("--method", "galore"), 8e-3),
         "lora r=h/4": Method(("--method", "lora", "--lora_r", quarter, "--lora_alpha", quarter), 8e-3),
-        BASE: Method(("--method", "poet", "--block", half), 1e-3 * 256 / (hidden // 2), poet=True),
-        "poet-bs b=h/8": Method(("--method", "poet", "--block", eighth), 1e-3 * 256 / (hidden // 8), poet=True),
-        "poet-fs b=1/2": Method(("--method", "poet", "--mode", "fs", "--block", "0.5"), 1e-3, poet=True),
-        "poet-bs b=h/2 official": Method(("--method", "poet", "--recipe", "official", "--block", half), 2e-3, True),
+        # As POET trains: the block matrices at the swept lr, everything else at the paper's base lr of 1e-2.
+        "adamw block-lr": Method(("--method", "adamw", "--learning_rate", "1e-2"), 2e-3, "--block_lr"),
+        "muon block-lr": Method(("--method", "muon", "--learning_rate", "1e-2"), 4e-3, "--block_lr"),
+        BASE: Method(("--method", "poet", "--block", half), 1e-3 * 256 / (hidden // 2), "--poet_lr"),
+        "poet-bs b=h/8": Method(("--method", "poet", "--block", eighth), 1e-3 * 256 / (hidden // 8), "--poet_lr"),
+        "poet-fs b=1/2": Method(("--method", "poet", "--mode", "fs", "--block", "0.5"), 1e-3, "--poet_lr"),
+        "poet-bs b=h/2 official": Method(
+            ("--method", "poet", "--recipe", "official", "--block", half), 2e-3, "--poet_lr"
+        ),
     }
 
 
@@ -135,7 +142,7 @@ def train(run: Run, args: argparse.Namespace, workdir: Path) -> dict:
     lr = learning_rate(run, args)
     flags = [
         "--model_size", args.model_size, "--vocab_size", str(args.vocab_size), *method.flags,
-        "--poet_lr" if method.poet else "--learning_rate", f"{lr:.6g}", *ABLATIONS.get(run.ablation, ()),
+        method.lr_flag, f"{lr:.6g}", *ABLATIONS.get(run.ablation, ()),
         "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.batch_size),
         "--max_train_steps", str(args.steps), "--eval_steps", str(args.steps), "--logging_steps", "10",
         "--max_eval_samples", str(args.eval_samples), "--num_warmup_steps", str(args.warmup_steps),

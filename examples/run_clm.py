@@ -233,6 +233,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     train.add_argument("--per_device_eval_batch_size", type=int, default=8)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, help="base lr (default: the paper's for the size)")
+    train.add_argument(
+        "--block_lr",
+        type=float,
+        help="lr of the transformer-block weight matrices alone (adamw, muon, galore; as POET's --poet_lr is Q's)",
+    )
     train.add_argument("--weight_decay", type=float, default=0.01)
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clip (POET ramps it after merges)")
     train.add_argument("--num_train_epochs", type=int, default=1)
@@ -275,6 +280,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Reject flag combinations that cannot work, naming the flags and what would."""
     if args.dataset_name and args.train_file:
         parser.error("pass either --dataset_name or --train_file, not both")
+    if args.block_lr is not None and args.method not in ("adamw", "muon", "galore"):
+        parser.error(
+            f"--block_lr sets the lr of the block weights that adamw, muon and galore train, not {args.method}'s"
+        )
     if args.recipe == "official" and args.method != "poet":
         parser.error("--recipe official is the official POET code's recipe: use it with --method poet")
     if args.validation_file and not args.train_file:
@@ -618,11 +627,16 @@ def block_weights_apart(model: torch.nn.Module, args: argparse.Namespace, name: 
     apart = {
         "name": name,
         "params": [p for p in model.parameters() if id(p) in moved],
-        "lr": matrices["lr"],
+        "lr": matrices["lr"] if args.block_lr is None else args.block_lr,
         "weight_decay": matrices["weight_decay"],
         **settings,
     }
     return [group for group in [*groups, apart] if group["params"]]
+
+
+def adamw_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """The usual groups; with --block_lr, the transformer-block weights in a group of their own at that lr."""
+    return param_groups(model, args) if args.block_lr is None else block_weights_apart(model, args, "block_matrices")
 
 
 def galore_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
@@ -701,7 +715,9 @@ def muon_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
 
 
 METHODS = {
-    "adamw": Method(wrap=lambda model, args: model, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
+    "adamw": Method(
+        wrap=lambda model, args: model, param_groups=adamw_param_groups, step_hooks=lambda m, o: NoStepHooks()
+    ),
     "lora": Method(wrap=wrap_lora, param_groups=param_groups, step_hooks=lambda m, o: NoStepHooks()),
     "galore": Method(
         wrap=lambda model, args: model,

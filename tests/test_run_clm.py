@@ -305,6 +305,21 @@ def test_muon_orthogonalizes_the_block_weights_and_adamw_updates_the_rest():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored_model.parameters()))
 
 
+def test_block_lr_gives_the_block_weights_their_own_lr():
+    tokenizer = run_clm.train_bpe_tokenizer(["a few words of text"], 300)
+    for method in ("adamw", "muon", "galore"):
+        args = run_clm.parse_args([*NANO, "--method", method, "--learning_rate", "1e-2", "--block_lr", "3e-3"])
+        model = run_clm.build_model(args, tokenizer)
+        groups = run_clm.METHODS[method].param_groups(model, args)
+        block = {id(linear.weight) for _, linear in run_clm.poet_peft.matching_linears(model, ["q_proj", "down_proj"])}
+        lrs = {group["lr"] for group in groups for p in group["params"] if id(p) in block}
+        rest = {group["lr"] for group in groups for p in group["params"] if p is model.lm_head.weight}
+        assert (lrs, rest) == ({3e-3}, {1e-2}), method
+        assert sorted(id(p) for group in groups for p in group["params"]) == sorted(map(id, model.parameters()))
+    with pytest.raises(SystemExit):
+        run_clm.parse_args([*NANO, "--method", "lora", "--block_lr", "3e-3"])
+
+
 def test_poet_ablation_flags_reach_the_config():
     tokenizer = run_clm.train_bpe_tokenizer(["a few words of text"], 300)
     for flags, init, terms in (([], "normalized_gaussian", 3), (["--init_weights", "standard"], None, 3),
