@@ -813,7 +813,7 @@ def test_text_files_and_a_streamed_dataset_folder(cache, tmp_path):
         (["--dataset_name", "x", "--train_file", "y.txt"], "either --dataset_name or --train_file"),
         (
             ["--method", "sgd"],
-            "invalid choice: 'sgd' (choose from 'adamw', 'galore', 'lora', 'ora', 'poet', 'spectral_lora')",
+            "invalid choice: 'sgd' (choose from 'adamw', 'galore', 'lora', 'muon', 'ora', 'poet', 'spectral_lora')",
         ),
         (
             ["--e4", "svd"],
