@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from poet_peft.ops import blocks as block_ops
 from poet_peft.ops.blocks import (
     BlockRotation,
     block_stochastic_layout,
@@ -186,10 +187,11 @@ def test_block_rotation_equals_its_dense_matrix(layout):
 @pytest.mark.parametrize(
     "layout", [block_stochastic_layout(50, 8), fully_stochastic_layout(48, 0.3)], ids=["bs-remainder", "fs"]
 )
-def test_in_place_rotation_and_its_backward_equal_the_dense_matrix(layout, dim, transpose, dtype, vectors):
-    # The vectors of 48–50 coordinates are rotated in pieces of ≤ 4096 elements: 80 vectors make pieces of several
-    # blocks, 700 split each block's vectors into ranges. Every piece must land where it came from. bf16 data is
-    # rotated in the float64 blocks' dtype.
+def test_in_place_rotation_and_its_backward_equal_the_dense_matrix(layout, dim, transpose, dtype, vectors, monkeypatch):
+    # With pieces of ≤ 4096 elements the vectors of 48–50 coordinates are rotated in several: 80 vectors make
+    # pieces of several blocks, 700 split each block's vectors into ranges. Every piece must land where it came
+    # from. bf16 data is rotated in the float64 blocks' dtype.
+    monkeypatch.setattr(block_ops, "MIN_PIECE_ELEMENTS", 4096)
     rotation = random_rotation(layout.dim, layout, seed=5)
     matrix = dense(rotation).T if transpose else dense(rotation)
     values = torch.randn(vectors, layout.dim, dtype=F64)
@@ -217,6 +219,16 @@ def test_in_place_rotation_and_its_backward_equal_the_dense_matrix(layout, dim, 
     untouched = grad.clone()
     rotation.backward_(untouched, values, dim, transpose, center, through=False)
     assert torch.equal(untouched, grad)
+
+
+def test_small_tensors_rotate_in_one_piece_and_large_ones_in_eighths():
+    # Per-piece overhead, not memory, bounds a small layer's step: run_clm's tiny model (d=128, 2048 tokens, b=64)
+    # cut into eighths spent twice the time of a store-mode step. A large tensor keeps its 1/PIECES bound.
+    rotation = random_rotation(128, block_stochastic_layout(128, 64), seed=0)
+    assert len(rotation._row_chunks(2048)) == 4  # 2048·128 elements, 4 pieces of MIN_PIECE_ELEMENTS
+    assert len(rotation._row_chunks(65536)) == block_ops.PIECES
+    assert len(list(rotation._pieces(352))) == 1
+    assert len(list(rotation._pieces(65536))) == block_ops.PIECES
 
 
 def test_permutation_gradient_is_the_inverse_gather():

@@ -122,8 +122,11 @@ def rotation_flops(
 # ~290 ms and 117 M elements moved the rest (2.8 ns each, at 200 GFLOP/s). `forward_path="auto"` weighs the
 # permutations' data movement with it on the torch path (the CUDA kernels fuse their gathers).
 PERMUTED_ELEMENT_FLOPS = 512
-# `BlockRotation.rotate_` works on pieces of about 1/PIECES of a tensor, which bounds its temporaries.
+# `BlockRotation.rotate_` works on pieces of about 1/PIECES of a tensor, which bounds its temporaries, but of at
+# least MIN_PIECE_ELEMENTS (256 KiB of fp32): below that a piece's temporaries are negligible and the per-piece
+# Python and dispatch overhead is not (a tiny model's layers, cut into eighths, spent more time in it than in flops).
 PIECES = 8
+MIN_PIECE_ELEMENTS = 1 << 16
 
 
 def permuted_elements(
@@ -304,7 +307,7 @@ class BlockRotation:
     def _pieces(self, vectors: int):
         """(group, first block, blocks, coordinates, vector range) pieces of at most about 1/PIECES of a tensor of
         `vectors` vectors, so that rotating in place holds only a piece's worth of temporaries."""
-        budget = max(self.layout.dim * vectors // PIECES, 4096)
+        budget = max(self.layout.dim * vectors // PIECES, MIN_PIECE_ELEMENTS)
         start = 0
         for group, (count, size) in enumerate(self.layout.groups):
             blocks_per_piece = max(1, min(count, budget // (size * vectors)))
@@ -320,7 +323,7 @@ class BlockRotation:
         """Ranges of rows of about 1/PIECES of a (rows, dim) matrix each. Rotating the coordinates of rows, whole
         rows are gathered in permuted order at once: that reads memory far better than gathering one block's
         scattered columns from every row (1.2–1.6× faster at d=1024–2048)."""
-        per_chunk = max(1, max(self.layout.dim * rows // PIECES, 4096) // self.layout.dim)
+        per_chunk = max(1, max(self.layout.dim * rows // PIECES, MIN_PIECE_ELEMENTS) // self.layout.dim)
         return [slice(first, min(rows, first + per_chunk)) for first in range(0, rows, per_chunk)]
 
     def _rotate_piece(self, piece: torch.Tensor, blocks: torch.Tensor, dim: int, transpose: bool) -> torch.Tensor:
@@ -527,10 +530,10 @@ def packed_gradient(
     """The gradient of the packed skew parameters given their blocks' gradients (one tensor per group).
 
     Cayley–Neumann is differentiated a few blocks at a time, so that its autograd graph (several block-sized
-    tensors per block) never holds more than about 1/PIECES of all the blocks.
+    tensors per block) never holds more than about 1/PIECES of all the blocks, or MIN_PIECE_ELEMENTS.
     """
     grad = torch.zeros_like(packed)
-    budget = max(layout.rotated_squares // PIECES, 1)
+    budget = max(layout.rotated_squares // PIECES, MIN_PIECE_ELEMENTS)
     groups = zip(_packed_groups(layout, packed), _packed_groups(layout, grad), block_grads)
     for (group, size), (group_grad, _), group_block_grads in groups:
         step = max(1, budget // (size * size))
