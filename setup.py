@@ -39,6 +39,7 @@ setup(
         # baseline of run_clm.py.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             *EXAMPLES,
             "matplotlib>=3.7",
             "scikit-learn>=1.4",

@@ -35,6 +35,7 @@ def train(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         "--model_size", args.model_size, "--max_train_steps", str(args.steps), "--eval_steps", str(args.steps),
         "--logging_steps", "50", "--seed", str(args.seed),
         "--spec-monitor", "--spec-every", str(args.every), "--spec-topk", str(args.topk),
+        *(["--max_eval_samples", str(args.eval_samples)] if args.eval_samples else []),
     ]  # fmt: skip
     run = run_clm_process(name, flags, workdir / name)
     measured = [record for record in run["records"] if "spec/seconds" in record and record["step"] > 0]
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="--spec-every")
     parser.add_argument("--topk", type=int, default=8, help="--spec-topk")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_samples", type=int, help="validation sequences (default: the whole split)")
     parser.add_argument("--record", type=Path, help="append the result table to this Markdown file")
     parser.add_argument("--plot_dir", type=Path, help="write poet-peft plot's PNGs of all runs here")
     args = parser.parse_args()

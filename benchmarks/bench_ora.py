@@ -50,6 +50,7 @@ def common_flags(args: argparse.Namespace) -> list[str]:
         "--block_size", str(args.block_size),
         "--per_device_train_batch_size", str(args.batch_size),
         "--seed", str(args.seed),
+        *(["--max_eval_samples", str(args.eval_samples)] if args.eval_samples else []),
     ]  # fmt: skip
 
 
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_samples", type=int, help="validation sequences (default: the whole split)")
     parser.add_argument("--timing_rounds", type=int, default=10)
     parser.add_argument("--timing_steps", type=int, default=5, help="steps per variant per timing round")
     parser.add_argument("--record", type=Path, help="append the result table to this Markdown file")

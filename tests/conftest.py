@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -79,6 +80,22 @@ def randomize_skew(model: torch.nn.Module, std: float, seed: int = 1) -> None:
     with torch.no_grad():
         for param in poet_peft.poet_parameters(model):
             param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def accelerate_launch(config) -> list[str]:
+    """`accelerate launch --config_file config` on a free port, so that two launches can run at once (pytest -n)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--main_process_port",
+        str(port),
+    ]
 
 
 def run_fresh_python(code: str, cwd=None) -> str:

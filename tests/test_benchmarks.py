@@ -27,7 +27,7 @@ def table_rows(text: str, columns: int) -> dict[str, list[str]]:
 
 
 def test_bench_ora_trains_times_and_records_each_variant(tmp_path):
-    toy = ["--model_size", "nano", "--steps", "2", "--batch_size", "2", "--block_size", "32"]
+    toy = ["--model_size", "nano", "--steps", "2", "--batch_size", "2", "--block_size", "32", "--eval_samples", "8"]
     timing = ["--timing_rounds", "1", "--timing_steps", "1"]
     variants = ["--variants", "vanilla", "ora", "synthesizer_factorized"]
     table = table_rows(run_benchmark(tmp_path, "bench_ora.py", *toy, *timing, *variants), 6)
@@ -53,7 +53,7 @@ def test_bench_e4_reports_time_to_x_final_perplexity_and_clamp_cost(tmp_path):
 
 
 def test_bench_monitor_measures_its_overhead_and_draws_both_runs(tmp_path):
-    toy = ["--model_size", "nano", "--steps", "4", "--every", "2", "--topk", "2"]
+    toy = ["--model_size", "nano", "--steps", "4", "--every", "2", "--topk", "2", "--eval_samples", "8"]
     table = table_rows(run_benchmark(tmp_path, "bench_monitor.py", *toy, "--plot_dir", str(tmp_path / "plots")), 8)
     assert [table[name][:2] for name in ("adamw", "poet")] == [["14", "2"], ["14", "2"]]  # steps 2 and 4, not 0
     assert all(0 < float(table[name][4].rstrip("%")) < 100 for name in ("adamw", "poet"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import randomize_skew, run_fresh_python, tiny_llama
+from conftest import accelerate_launch, randomize_skew, run_fresh_python, tiny_llama
 from huggingface_hub import ModelCard
 from peft import get_peft_model
 from scipy.stats import pearsonr, spearmanr
@@ -323,7 +323,7 @@ def test_two_processes_gather_every_validation_example_once(models_dir, data_dir
     """Under a 2-process accelerate launch (gloo DDP), 37 validation examples in uneven batches are each counted
     once: the accuracy equals sklearn's on the saved model's predictions."""
     output_dir = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG)]
+    launcher = accelerate_launch(CPU_DDP_CONFIG)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     flags = [*local_task(models_dir, data_dir, "sst2", ".csv"), "--method", "poet", "--block", "8"]
     flags += ["--max_train_steps", "3", "--max_eval_samples", "37", "--per_device_eval_batch_size", "8"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from conftest import randomize_skew, tiny_llama
+from conftest import accelerate_launch, randomize_skew, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -257,10 +256,7 @@ def test_jsonl_log_refuses_to_overwrite_and_drops_lines_after_a_resume_point(tmp
 
 
 def test_only_the_main_process_measures_under_ddp(tmp_path):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG),
-        str(ROOT / "tests" / "monitor_ranks.py"), str(tmp_path),
-    ]  # fmt: skip
+    command = [*accelerate_launch(CPU_DDP_CONFIG), str(ROOT / "tests" / "monitor_ranks.py"), str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((tmp_path / "rank0.json").read_text()) == [2, 4]

@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import run_fresh_python
+from conftest import accelerate_launch, run_fresh_python
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -32,7 +32,9 @@ import run_clm  # noqa: E402
 import run_utils  # noqa: E402
 
 VOCAB = 512
-NANO = ["--model_size", "nano", "--vocab_size", str(VOCAB), "--block_size", "128"]
+# 64 validation sequences (8,192 tokens at block 128) instead of the whole split's ~1,900: every evaluation
+# still compares the same held-out text, and a run's evaluations stop dominating its time.
+NANO = ["--model_size", "nano", "--vocab_size", str(VOCAB), "--block_size", "128", "--max_eval_samples", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -575,14 +577,7 @@ def test_spectral_monitor_logs_seed_002_metrics_that_poet_peft_plot_draws(cache,
 
 
 def test_two_process_accelerate_launch_keeps_ranks_identical_through_merges(cache, tmp_path):
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_DDP_CONFIG),
-        str(ROOT / "tests" / "run_clm_ranks.py"),
-    ]
+    launcher = [*accelerate_launch(CPU_DDP_CONFIG), str(ROOT / "tests" / "run_clm_ranks.py")]
     result = run_script(
         cache,
         tmp_path,
@@ -610,7 +605,7 @@ def test_two_process_accelerate_launch_keeps_ranks_identical_through_merges(cach
 
 
 def test_fsdp2_launch_shards_poet_and_trains_merges_resumes_and_exports_as_one_process(cache, tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG)]
+    launch = accelerate_launch(FSDP2_CONFIG)
     flags = [*NANO, "--max_train_steps", "10", "--merge_every", "3", "--logging_steps", "1", "--eval_steps", "10"]
     sharded, single, resumed = tmp_path / "sharded", tmp_path / "single", tmp_path / "resumed"
     ranks_script = str(ROOT / "tests" / "run_clm_ranks.py")
@@ -657,7 +652,7 @@ def test_fsdp2_launch_shards_poet_and_trains_merges_resumes_and_exports_as_one_p
 
 @pytest.mark.parametrize("method", ["ora", "spectral_lora"])
 def test_ora_and_spectral_lora_under_fsdp2_train_as_one_process(cache, tmp_path, method):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG), str(SCRIPT)]
+    launch = [*accelerate_launch(FSDP2_CONFIG), str(SCRIPT)]
     flags = [*NANO, "--method", method, "--max_train_steps", "3", "--logging_steps", "1", "--eval_steps", "3"]
     result = run_script(cache, tmp_path / "sharded", *flags, launcher=launch)
     assert "distributed: FSDP2 over 2 processes" in result.stdout
@@ -671,7 +666,7 @@ def test_ora_and_spectral_lora_under_fsdp2_train_as_one_process(cache, tmp_path,
 
 @pytest.mark.parametrize("method", ["galore", "muon"])
 def test_whole_matrix_optimizers_under_fsdp2_are_refused_in_one_line(cache, tmp_path, method):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG), str(SCRIPT)]
+    launch = [*accelerate_launch(FSDP2_CONFIG), str(SCRIPT)]
     flags = command(cache, tmp_path, *NANO, "--method", method, "--max_train_steps", "1")
     result = subprocess.run([*launch, *flags], capture_output=True, text=True, env=cache["env"], cwd=ROOT)
     assert result.returncode != 0
