@@ -115,8 +115,9 @@ def poet_floor(method: Method, dim: int, tokens: int, input_grad: bool, products
 
     The extra flops are the rotations (`rotation_flops`; with memory_mode="recompute" the input's and weight's
     rotations run again, and the matmul where R acts on the outputs) plus building R and P by Cayley–Neumann: each
-    of its matmuls is 2b³ flops per block and build (three builds: the forward, the backward's, and the one its
-    gradient is taken through, a few blocks at a time) and 4b³ backward.
+    of its matmuls is 2b³ flops per block and build and 4b³ backward. memory_mode="recompute" builds three times (the
+    forward, the backward's, and the one its gradient is taken through, a few blocks at a time); "store" once, keeping
+    the graph for the backward.
     """
     if method.poet is None:
         return None
@@ -128,7 +129,8 @@ def poet_floor(method: Method, dim: int, tokens: int, input_grad: bool, products
     sides = min(paths[path], key=cost)
     step = rotation_flops(layout, layout, tokens, *sides, True, input_grad, recompute)
     cubes = sum(count * size**3 for count, size in layout.groups)
-    cayley = 2 * (3 * 2 + 4) * products * cubes  # R and P
+    builds = 3 if recompute else 1
+    cayley = 2 * (builds * 2 + 4) * products * cubes  # R and P
     return (step + cayley) / ((6 if input_grad else 4) * tokens * dim * dim)
 
 

@@ -125,9 +125,12 @@ class OneLinear(torch.nn.Module):
         return self.proj(x)
 
 
-def counted_flops(layer, x: torch.Tensor, sides: tuple[bool, bool], training: bool, monkeypatch) -> int:
+def counted_flops(
+    layer, x: torch.Tensor, sides: tuple[bool, bool], training: bool, recompute: bool, monkeypatch
+) -> int:
     """Matmul flops torch runs for the layer's forward (and backward) with R, P placed by `sides`, minus Cayley's
-    (which every backward builds twice more: to rotate, and a few blocks at a time to differentiate)."""
+    (which a recomputing backward builds twice more: to rotate, and a few blocks at a time to differentiate;
+    'store' builds once and differentiates the graph it kept)."""
     monkeypatch.setattr(layer, "rotation_sides", lambda *args, **kwargs: sides)
     with torch.set_grad_enabled(training), FlopCounterMode(display=False) as total:
         output = layer(x)
@@ -139,7 +142,7 @@ def counted_flops(layer, x: torch.Tensor, sides: tuple[bool, bool], training: bo
             sum(block.sum() for block in blocks).backward()
     with FlopCounterMode(display=False) as rebuilt:
         layer.rotations("default")
-    return total.get_total_flops() - cayley.get_total_flops() - 2 * training * rebuilt.get_total_flops()
+    return total.get_total_flops() - cayley.get_total_flops() - 2 * recompute * rebuilt.get_total_flops()
 
 
 @pytest.mark.parametrize("memory_mode", ["recompute", "store"])
@@ -157,9 +160,9 @@ def test_rotation_flops_are_what_torch_computes(
     up_proj = peft_model.base_model.model.model.layers[0].mlp.up_proj  # in 64, out 96
     left, right = up_proj.poet_layouts["default"]
     x = torch.randn(tokens, 64, requires_grad=input_needs_grad)
-    with monkeypatch.context() as patch:
-        counted = {sides: counted_flops(up_proj, x, sides, training, patch) for sides in SIDES}
     recompute = training and memory_mode == "recompute"
+    with monkeypatch.context() as patch:
+        counted = {sides: counted_flops(up_proj, x, sides, training, recompute, patch) for sides in SIDES}
     assert counted == {
         sides: rotation_flops(left, right, tokens, *sides, training, input_needs_grad, recompute) for sides in SIDES
     }
