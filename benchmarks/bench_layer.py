@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from poet_peft import POETConfig
 from poet_peft.ops import kernels
 from poet_peft.ops.blocks import block_stochastic_layout, fully_stochastic_layout, placement_cost, rotation_flops
-from poet_peft.ops.orthogonal import cayley_neumann_matmuls
+from poet_peft.ops.orthogonal import cayley_neumann_grad_matmuls, cayley_neumann_matmuls
 
 NEUMANN_TERMS = POETConfig().neumann_terms
 
@@ -114,10 +114,9 @@ def poet_floor(method: Method, dim: int, tokens: int, input_grad: bool, products
     """POET's flops over the dense step's (4·tokens·d², 6· with --input_grad) on the path auto takes; None for others.
 
     The extra flops are the rotations (`rotation_flops`; with memory_mode="recompute" the input's and weight's
-    rotations run again, and the matmul where R acts on the outputs) plus building R and P by Cayley–Neumann: each
-    of its matmuls is 2b³ flops per block and build and 4b³ backward. memory_mode="recompute" builds three times (the
-    forward, the backward's, and the one its gradient is taken through, a few blocks at a time); "store" once, keeping
-    the graph for the backward.
+    rotations run again, and the matmul where R acts on the outputs) plus Cayley–Neumann: `products` matmuls of 2b³
+    flops per block and build (the forward's, and with memory_mode="recompute" the backward's: "store" keeps the
+    blocks), and the `cayley_neumann_grad_matmuls` of its written-out gradient.
     """
     if method.poet is None:
         return None
@@ -129,8 +128,8 @@ def poet_floor(method: Method, dim: int, tokens: int, input_grad: bool, products
     sides = min(paths[path], key=cost)
     step = rotation_flops(layout, layout, tokens, *sides, True, input_grad, recompute)
     cubes = sum(count * size**3 for count, size in layout.groups)
-    builds = 3 if recompute else 1
-    cayley = 2 * (builds * 2 + 4) * products * cubes  # R and P
+    builds = 2 if recompute else 1
+    cayley = 2 * 2 * (builds * products + cayley_neumann_grad_matmuls(NEUMANN_TERMS)) * cubes  # R and P
     return (step + cayley) / ((6 if input_grad else 4) * tokens * dim * dim)
 
 

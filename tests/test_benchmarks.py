@@ -83,9 +83,9 @@ def test_bench_layer_times_every_method_and_states_the_flop_floor(tmp_path):
     at_256 = {row[2]: row for row in rows if row[1] == "256"}
     # The floor at d=128, b=16, 256 tokens, against the dense 4·256·128² flops: weight-centric stored adds 10·b·d² for
     # the rotations, recomputed 14·b·d² (the forward's 4·b·d² again); input-centric recomputed 12·tokens·d·b (P's
-    # 2·tokens·d·b again, not R's) and the matmul's 2·tokens·d² again. Cayley–Neumann: 2 sides × 10 (three builds
-    # of 2, a backward of 4) × 2 matmuls × 8 blocks × 16³; stored, 2 sides × 6 (one build, its backward) × ….
-    dense, cayley, stored_cayley = 4 * 256 * 128**2, 2 * 10 * 2 * 8 * 16**3, 2 * 6 * 2 * 8 * 16**3
+    # 2·tokens·d·b again, not R's) and the matmul's 2·tokens·d² again. Cayley–Neumann: 2 sides × 9 matmuls (two builds
+    # of 2, the gradient's 5) × 2·16³ flops × 8 blocks; stored, 7 matmuls (one build).
+    dense, cayley, stored_cayley = 4 * 256 * 128**2, 2 * 9 * 2 * 16**3 * 8, 2 * 7 * 2 * 16**3 * 8
     assert at_256["POET-BS b=16, weight"][5] == f"{(dense + 14 * 16 * 128**2 + cayley) / dense:.3f}"
     input_centric = dense + 12 * 256 * 128 * 16 + 2 * 256 * 128**2 + cayley
     assert at_256["POET-BS b=16, input"][5] == f"{input_centric / dense:.3f}"

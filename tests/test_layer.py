@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 import poet_peft
 from poet_peft import POETConfig
-from poet_peft.ops.blocks import PERMUTED_ELEMENT_FLOPS, placement_cost, rotation_flops
+from poet_peft.ops.blocks import PERMUTED_ELEMENT_FLOPS, packed_gradient, placement_cost, rotation_flops
 from poet_peft.tuners.poet import DEFAULT_TARGET_MODULES
 
 
@@ -128,21 +128,23 @@ class OneLinear(torch.nn.Module):
 def counted_flops(
     layer, x: torch.Tensor, sides: tuple[bool, bool], training: bool, recompute: bool, monkeypatch
 ) -> int:
-    """Matmul flops torch runs for the layer's forward (and backward) with R, P placed by `sides`, minus Cayley's
-    (which a recomputing backward builds twice more: to rotate, and a few blocks at a time to differentiate;
-    'store' builds once and differentiates the graph it kept)."""
+    """Matmul flops torch runs for the layer's forward (and backward) with R, P placed by `sides`, minus Cayley's:
+    one build of R and P, one more in a recomputing backward (to rotate), and in training their gradient
+    (`packed_gradient`, written out)."""
     monkeypatch.setattr(layer, "rotation_sides", lambda *args, **kwargs: sides)
     with torch.set_grad_enabled(training), FlopCounterMode(display=False) as total:
         output = layer(x)
         if training:
             output.sum().backward()
-    with torch.set_grad_enabled(training), FlopCounterMode(display=False) as cayley:
-        blocks = [block for rotation in layer.rotations("default") for block in rotation.blocks]
-        if training:
-            sum(block.sum() for block in blocks).backward()
-    with FlopCounterMode(display=False) as rebuilt:
-        layer.rotations("default")
-    return total.get_total_flops() - cayley.get_total_flops() - 2 * recompute * rebuilt.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as built:
+        rotations = layer.rotations("default")
+    with FlopCounterMode(display=False) as differentiated:
+        for rotation, q in zip(rotations, layer.skew_parameters()):
+            grads = [torch.ones_like(b) for b in rotation.blocks]
+            packed_gradient(rotation.layout, q, grads, layer.poet_config["default"].neumann_terms)
+    builds = 1 + (training and recompute)
+    cayley = builds * built.get_total_flops() + training * differentiated.get_total_flops()
+    return total.get_total_flops() - cayley
 
 
 @pytest.mark.parametrize("memory_mode", ["recompute", "store"])

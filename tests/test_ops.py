@@ -11,6 +11,7 @@ from poet_peft.ops.blocks import (
     BlockRotation,
     block_stochastic_layout,
     fully_stochastic_layout,
+    packed_gradient,
     permute,
     rotate_weight,
 )
@@ -18,9 +19,12 @@ from poet_peft.ops.initialization import initial_weight
 from poet_peft.ops.orthogonal import (
     cayley,
     cayley_neumann,
+    cayley_neumann_grad,
+    cayley_neumann_grad_matmuls,
     cayley_neumann_matmuls,
     nearest_orthogonal,
     orthogonality_error,
+    packed_gradient_of_skew,
     packed_size,
     skew_from_packed,
 )
@@ -87,6 +91,34 @@ def test_cayley_neumann_makes_the_counted_matmuls_and_equals_its_series(terms):
     assert counter.get_total_flops() == cayley_neumann_matmuls(terms) * 3 * 2 * 8**3
     series = sum(torch.linalg.matrix_power(skew, power) for power in range(terms + 1))
     assert torch.allclose(rotation, (torch.eye(8, dtype=F64) + skew) @ series, atol=1e-14)
+
+
+@pytest.mark.parametrize("block", [2, 5, 16])
+@pytest.mark.parametrize("terms", [0, 1, 2, 3, 4, 5, 6])
+def test_cayley_neumann_grad_is_autograds_in_the_counted_matmuls(terms, block):
+    # Odd and even term counts take the two shapes of Horner's innermost value; b=2 has a single packed parameter.
+    generator = torch.Generator().manual_seed(terms * 31 + block)
+    packed = torch.randn(3, packed_size(block), generator=generator, dtype=F64) * 0.3
+    grad = torch.randn(3, block, block, generator=generator, dtype=F64)
+    leaf = packed.clone().requires_grad_()
+    (reference,) = torch.autograd.grad(cayley_neumann(skew_from_packed(leaf, block), terms), leaf, grad)
+    with FlopCounterMode(display=False) as counter:
+        grad_skew = cayley_neumann_grad(skew_from_packed(packed, block), grad, terms)
+    assert counter.get_total_flops() == cayley_neumann_grad_matmuls(terms) * 3 * 2 * block**3
+    assert (packed_gradient_of_skew(grad_skew, block) - reference).abs().max() < 1e-13 * reference.abs().max()
+
+
+@pytest.mark.parametrize("terms", [3, None], ids=["neumann", "exact"])
+def test_packed_gradient_equals_autograd_through_the_blocks(terms):
+    # BS with a remainder block (2 blocks of 16 and one of 8): each group differentiated on its own, a few at a time.
+    layout = block_stochastic_layout(40, 16)
+    generator = torch.Generator().manual_seed(4)
+    packed = torch.randn(layout.num_parameters, generator=generator, dtype=F64) * 0.2
+    leaf = packed.clone().requires_grad_()
+    rotation = BlockRotation.from_packed(layout, torch.randperm(40, generator=generator), leaf, terms)
+    block_grads = [torch.randn(group.shape, generator=generator, dtype=F64) for group in rotation.blocks]
+    (reference,) = torch.autograd.grad(rotation.blocks, leaf, block_grads)
+    assert (packed_gradient(layout, packed, block_grads, terms) - reference).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("norm", [0.05, 0.2, 0.5, 0.8])

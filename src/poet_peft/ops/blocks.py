@@ -16,7 +16,14 @@ from typing import Optional
 import torch
 
 from . import kernels
-from .orthogonal import nearest_orthogonal, packed_size, rotation_from_skew, skew_from_packed
+from .orthogonal import (
+    cayley_neumann_grad,
+    nearest_orthogonal,
+    packed_gradient_of_skew,
+    packed_size,
+    rotation_from_skew,
+    skew_from_packed,
+)
 
 
 def _full_precision(tensor: torch.Tensor):
@@ -529,8 +536,9 @@ def packed_gradient(
 ) -> torch.Tensor:
     """The gradient of the packed skew parameters given their blocks' gradients (one tensor per group).
 
-    Cayley–Neumann is differentiated a few blocks at a time, so that its autograd graph (several block-sized
-    tensors per block) never holds more than about 1/PIECES of all the blocks, or MIN_PIECE_ELEMENTS.
+    Cayley–Neumann is differentiated by hand (`cayley_neumann_grad`; the exact Cayley transform through autograd) a
+    few blocks at a time, so that its temporaries (several block-sized tensors per block) never hold more than
+    about 1/PIECES of all the blocks, or MIN_PIECE_ELEMENTS.
     """
     grad = torch.zeros_like(packed)
     budget = max(layout.rotated_squares // PIECES, MIN_PIECE_ELEMENTS)
@@ -538,12 +546,22 @@ def packed_gradient(
     for (group, size), (group_grad, _), group_block_grads in groups:
         step = max(1, budget // (size * size))
         for first in range(0, group.shape[0], step):
-            leaf = group[first : first + step].detach().requires_grad_()
-            with torch.enable_grad():
-                blocks = _blocks_from_packed(leaf, size, neumann_terms, group_block_grads.dtype)
-                (chunk_grad,) = torch.autograd.grad(blocks, leaf, group_block_grads[first : first + step])
-            group_grad[first : first + step] = chunk_grad
+            chunk, chunk_block_grads = group[first : first + step].detach(), group_block_grads[first : first + step]
+            group_grad[first : first + step] = _chunk_packed_gradient(chunk, size, chunk_block_grads, neumann_terms)
     return grad
+
+
+def _chunk_packed_gradient(
+    packed: torch.Tensor, size: int, block_grads: torch.Tensor, neumann_terms: int | None
+) -> torch.Tensor:
+    with _full_precision(packed):
+        if neumann_terms is not None:
+            skew = skew_from_packed(packed.to(block_grads.dtype), size)
+            return packed_gradient_of_skew(cayley_neumann_grad(skew, block_grads, neumann_terms), size)
+        leaf = packed.requires_grad_()
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(_blocks_from_packed(leaf, size, None, block_grads.dtype), leaf, block_grads)
+        return grad
 
 
 def rotation_pair(

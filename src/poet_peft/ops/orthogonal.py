@@ -30,35 +30,87 @@ def cayley(skew: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye - skew, eye + skew)
 
 
+def _horner_in_square(terms: int) -> tuple[tuple[float, float, float], list[tuple[float, float]]]:
+    """Σ c_j Q^j with c = 1, 2, …, 2, 1 (terms ≥ 1) by Horner's scheme in Q²: the innermost value's coefficients of
+    Q², I and Q, then the (I, Q) coefficients added after each multiplication by Q², innermost first."""
+    coefficients = [1.0] + [2.0] * terms + [1.0]
+    if len(coefficients) % 2:  # the top power is even: c_top·Q² joins the innermost pair, without a matmul
+        innermost, remaining = (coefficients[-1], coefficients[-3], coefficients[-2]), coefficients[:-3]
+    else:
+        innermost, remaining = (0.0, coefficients[-2], coefficients[-1]), coefficients[:-2]
+    return innermost, [(remaining[start], remaining[start + 1]) for start in range(len(remaining) - 2, -1, -2)]
+
+
+def _add_pair(result: torch.Tensor, skew: torch.Tensor, constant: float, linear: float) -> torch.Tensor:
+    # result + constant·I + linear·Q, in place: no block-sized temporaries beside the matmuls' own
+    result.add_(skew, alpha=linear).diagonal(dim1=-2, dim2=-1).add_(constant)
+    return result
+
+
+def _innermost(skew: torch.Tensor, square: torch.Tensor, coefficients: tuple[float, float, float]) -> torch.Tensor:
+    square_coefficient, constant, linear = coefficients
+    start = square * square_coefficient if square_coefficient else torch.zeros_like(skew)
+    return _add_pair(start, skew, constant, linear)
+
+
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     """Cayley–Neumann map (I + Q)(I + Q + … + Q^terms): (I − Q)⁻¹ replaced by its truncated Neumann series."""
-    eye = _identity_like(skew)
     # Expanded, the map is Σ c_j Q^j with c = 1, 2, …, 2, 1. Evaluated as Σ (c_2i I + c_2i+1 Q)(Q²)^i by Horner's
     # scheme in Q², it costs `cayley_neumann_matmuls(terms)` matmuls, not terms + 1: 2 instead of 4 for 3 terms.
     if terms == 0:
-        return eye + skew
-    coefficients = [1.0] + [2.0] * terms + [1.0]
+        return _identity_like(skew) + skew
+    innermost, outer = _horner_in_square(terms)
     square = skew @ skew
-
-    def add_pair(result: torch.Tensor, constant: float, linear: float) -> torch.Tensor:
-        # result + constant·I + linear·Q, in place: no block-sized temporaries beside the matmuls' own
-        result.add_(skew, alpha=linear).diagonal(dim1=-2, dim2=-1).add_(constant)
-        return result
-
-    if len(coefficients) % 2:  # the top power is even: c_top·Q² joins the innermost pair, without a matmul
-        result = add_pair(square * coefficients[-1], coefficients[-3], coefficients[-2])
-        remaining = coefficients[:-3]
-    else:
-        result = add_pair(torch.zeros_like(skew), coefficients[-2], coefficients[-1])
-        remaining = coefficients[:-2]
-    for start in range(len(remaining) - 2, -1, -2):
-        result = add_pair(square @ result, remaining[start], remaining[start + 1])
+    result = _innermost(skew, square, innermost)
+    for constant, linear in outer:
+        result = _add_pair(square @ result, skew, constant, linear)
     return result
+
+
+def cayley_neumann_grad(skew: torch.Tensor, grad: torch.Tensor, terms: int) -> torch.Tensor:
+    """The gradient with respect to Q (as a free matrix) of ⟨grad, cayley_neumann(Q, terms)⟩, written out.
+
+    Horner's scheme run backwards: for R' = Q²·R + a·I + b·Q, the gradient G of R' gives Q² the gradient G·Rᵀ,
+    Q the gradient b·G, and R the gradient (Q²)ᵀ·G; then Q² = Q·Q passes its gradient S̄ on as S̄·Qᵀ + Qᵀ·S̄. Only
+    Q² and the values Horner multiplies are rebuilt (`cayley_neumann_grad_matmuls` products in all), and no
+    autograd graph is kept: cheaper in time and memory than differentiating `cayley_neumann` through autograd.
+    """
+    if terms == 0:
+        return grad.clone()
+    innermost, outer = _horner_in_square(terms)
+    square = skew @ skew
+    multiplied = [_innermost(skew, square, innermost)]  # the value each multiplication by Q² acts on
+    for constant, linear in outer[:-1]:
+        multiplied.append(_add_pair(square @ multiplied[-1], skew, constant, linear))
+    grad_skew, grad_square = torch.zeros_like(skew), torch.zeros_like(skew)
+    for (_, linear), value in zip(reversed(outer), reversed(multiplied)):
+        grad_skew.add_(grad, alpha=linear)
+        grad_square.add_(grad @ value.mT)
+        grad = square.mT @ grad
+    square_coefficient, _, linear = innermost
+    grad_skew.add_(grad, alpha=linear)
+    grad_square.add_(grad, alpha=square_coefficient)
+    return grad_skew.add_(grad_square @ skew.mT).add_(skew.mT @ grad_square)
+
+
+def packed_gradient_of_skew(grad_skew: torch.Tensor, block: int) -> torch.Tensor:
+    """The gradient of the packed parameters, shape (..., b(b−1)/2), given that of Q = U − Uᵀ (`skew_from_packed`)."""
+    rows, cols = torch.triu_indices(block, block, 1, device=grad_skew.device)
+    return grad_skew[..., rows, cols] - grad_skew[..., cols, rows]
 
 
 def cayley_neumann_matmuls(terms: int) -> int:
     """Matrix products `cayley_neumann` makes per block in its forward pass: 1 + ⌊terms/2⌋ (none for terms = 0)."""
     return 0 if terms == 0 else 1 + terms // 2
+
+
+def cayley_neumann_grad_matmuls(terms: int) -> int:
+    """Matrix products `cayley_neumann_grad` makes per block: Q², the values Horner multiplies but the first, two
+    per multiplication by Q² and two for Q² = Q·Q (none for terms = 0)."""
+    if terms == 0:
+        return 0
+    multiplications = cayley_neumann_matmuls(terms) - 1  # by Q², in Horner's scheme
+    return 1 + max(multiplications - 1, 0) + 2 * multiplications + 2
 
 
 def rotation_from_skew(skew: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:

@@ -142,11 +142,10 @@ def _rotated_operands(plan: RotatedLinearPlan, rotations, x, weight, bias, keep_
 
 class _RotatedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: RotatedLinearPlan, store: bool, x, weight, bias, *rotation_tensors):
-        # `rotation_tensors`: the packed skew parameters, or with `store` the blocks built from them.
+    def forward(ctx, plan: RotatedLinearPlan, store: bool, x, weight, bias, *packed):
         # Detached, so that module hooks inside `plan.linear` (FlopCounterMode's, for one) see plain tensors.
         x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
-        rotations = plan.rotations_from_blocks(rotation_tensors) if store else plan.rotations(rotation_tensors)
+        rotations = plan.rotations(packed)
         _, _, on_output = plan.steps(rotations, bias)
         rotated_x, input_inputs, rotated_weight, weight_inputs = _rotated_operands(
             plan, rotations, x, weight, bias, keep_inputs=store
@@ -156,11 +155,12 @@ class _RotatedLinear(torch.autograd.Function):
         stored = []
         if store:
             output, output_inputs = run_steps(on_output, matmul, matmul.dtype, keep_inputs=True)
-            stored = [rotated_x, rotated_weight, *input_inputs, *weight_inputs, *output_inputs]
+            blocks = [group for pair in rotations for rotation in pair for group in rotation.blocks]
+            stored = [*blocks, rotated_x, rotated_weight, *input_inputs, *weight_inputs, *output_inputs]
         else:
             output, _ = run_steps(on_output, matmul, matmul.dtype, keep_inputs=False, in_place=True)
-        ctx.counts = (len(rotation_tensors), len(input_inputs), len(weight_inputs)) if store else None
-        ctx.save_for_backward(x, weight, bias, *rotation_tensors, *stored)
+        ctx.counts = (len(blocks), len(input_inputs), len(weight_inputs)) if store else None
+        ctx.save_for_backward(x, weight, bias, *packed, *stored)
         return output.view(*x.shape[:-1], output.shape[-1])
 
     @staticmethod
@@ -168,22 +168,20 @@ class _RotatedLinear(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         plan = ctx.plan
         x, weight, bias, *saved = ctx.saved_tensors
-        rotation_tensors = saved[: len(ctx.needs_input_grad) - 5]
+        packed, saved = saved[: len(ctx.needs_input_grad) - 5], saved[len(ctx.needs_input_grad) - 5 :]
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[2:5]
         stored = ctx.counts is not None
-        # Without `store` the blocks are rebuilt outside autograd, and `packed_gradient` differentiates
-        # Cayley–Neumann at the end, when the weight-sized temporaries are gone, a few blocks at a time: its graph
-        # holds several block-sized tensors per block, together as much as the weight at b=256. With `store` the
-        # blocks were given, and autograd takes their gradients through the graph that built them.
-        rotations = plan.rotations_from_blocks(rotation_tensors) if stored else plan.rotations(rotation_tensors)
+        if stored:  # the blocks, the rotated operands and each rotation's input, as the forward kept them
+            num_blocks, num_input, num_weight = ctx.counts
+            rotations = plan.rotations_from_blocks(saved[:num_blocks])
+            rotated_x, rotated_weight, *inputs = saved[num_blocks:]
+            input_inputs, weight_inputs = inputs[:num_input], inputs[num_input : num_input + num_weight]
+            output_inputs = inputs[num_input + num_weight :]
+        else:  # rebuilt outside autograd
+            rotations = plan.rotations(packed)
         with torch.no_grad(), _autocast(ctx.autocast):
             on_input, on_weight, on_output = plan.steps(rotations, bias)
-            if stored:
-                num_rotation_tensors, num_input, num_weight = ctx.counts
-                rotated_x, rotated_weight, *inputs = saved[num_rotation_tensors:]
-                input_inputs, weight_inputs = inputs[:num_input], inputs[num_input : num_input + num_weight]
-                output_inputs = inputs[num_input + num_weight :]
-            else:
+            if not stored:
                 rotated_x, input_inputs, rotated_weight, weight_inputs = _rotated_operands(
                     plan, rotations, x, weight, bias, keep_inputs=True
                 )
@@ -206,23 +204,19 @@ class _RotatedLinear(torch.autograd.Function):
         grads_of = {}
         for steps, grads in ((on_input, input_grads), (on_weight, weight_grads), (on_output, output_grads)):
             grads_of.update({id(step.rotation): step_grads for step, step_grads in zip(steps, grads)})
-        # R₁, P₁, R₂, P₂, … as `rotation_tensors`; the blocks themselves are let go before Cayley–Neumann's backward.
+        # R₁, P₁, R₂, P₂, … as `packed`; the blocks themselves are let go before Cayley–Neumann's backward, which
+        # `packed_gradient` runs a few blocks at a time once the weight-sized temporaries are gone.
         side_grads = [grads_of[id(rotation)] for pair in rotations for rotation in pair]
         del rotations, on_input, on_weight, on_output, grads_of, input_grads, weight_grads, output_grads
-        needs_rotations = ctx.needs_input_grad[5:]
-        if stored:
-            grad_rotations = [grad for block_grads in side_grads for grad in block_grads]
-            grad_rotations = [grad if need else None for grad, need in zip(grad_rotations, needs_rotations)]
-        else:
-            layouts = [(layout, terms) for pair, terms in zip(plan.layouts, plan.neumann_terms) for layout in pair]
-            grad_rotations = []
-            for (layout, terms), q, need in zip(layouts, rotation_tensors, needs_rotations):
-                block_grads = side_grads.pop(0)
-                grad_rotations.append(packed_gradient(layout, q, block_grads, terms) if need else None)
-                del block_grads
+        layouts = [(layout, terms) for pair, terms in zip(plan.layouts, plan.neumann_terms) for layout in pair]
+        grad_packed = []
+        for (layout, terms), q, need in zip(layouts, packed, ctx.needs_input_grad[5:]):
+            block_grads = side_grads.pop(0)
+            grad_packed.append(packed_gradient(layout, q, block_grads, terms) if need else None)
+            del block_grads
         grad_x = grad_x.view(ctx.x_shape).to(x.dtype) if needs_x else None
         grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
-        return None, None, grad_x, grad_weight, grad_bias, *grad_rotations
+        return None, None, grad_x, grad_weight, grad_bias, *grad_packed
 
 
 def rotated_linear(
@@ -235,9 +229,4 @@ def rotated_linear(
 ) -> torch.Tensor:
     """R·W0·P·x + b as planned; autograd saves only x and the given tensors, and with `store` the rotated tensors
     and the rotation blocks too (a faster backward for weight- or activation-sized tensors held until it runs)."""
-    if not store:
-        return _RotatedLinear.apply(plan, store, x, weight, bias, *packed)
-    # R and P are built here, under autograd, which keeps Cayley–Neumann's graph for the backward: one build per
-    # step instead of three (the forward's, the backward's and the one differentiated a few blocks at a time).
-    blocks = [group for pair in plan.rotations(packed) for rotation in pair for group in rotation.blocks]
-    return _RotatedLinear.apply(plan, store, x, weight, bias, *blocks)
+    return _RotatedLinear.apply(plan, store, x, weight, bias, *packed)
