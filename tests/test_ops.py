@@ -110,12 +110,14 @@ def test_cayley_neumann_grad_is_autograds_in_the_counted_matmuls(terms, block):
 
 @pytest.mark.parametrize("terms", [3, None], ids=["neumann", "exact"])
 def test_packed_gradient_equals_autograd_through_the_blocks(terms):
-    # BS with a remainder block (2 blocks of 16 and one of 8): each group differentiated on its own, a few at a time.
-    layout = block_stochastic_layout(40, 16)
+    # BS with a remainder block (20 blocks of 64 and one of 8): each group differentiated on its own, the 20 blocks
+    # in two chunks (16 and 4: a chunk holds MIN_PIECE_ELEMENTS' worth of blocks).
+    layout = block_stochastic_layout(1288, 64)
+    assert layout.groups == ((20, 64), (1, 8)) and block_ops.MIN_PIECE_ELEMENTS // 64**2 == 16
     generator = torch.Generator().manual_seed(4)
     packed = torch.randn(layout.num_parameters, generator=generator, dtype=F64) * 0.2
     leaf = packed.clone().requires_grad_()
-    rotation = BlockRotation.from_packed(layout, torch.randperm(40, generator=generator), leaf, terms)
+    rotation = BlockRotation.from_packed(layout, torch.randperm(1288, generator=generator), leaf, terms)
     block_grads = [torch.randn(group.shape, generator=generator, dtype=F64) for group in rotation.blocks]
     (reference,) = torch.autograd.grad(rotation.blocks, leaf, block_grads)
     assert (packed_gradient(layout, packed, block_grads, terms) - reference).abs().max() < 1e-12

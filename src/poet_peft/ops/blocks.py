@@ -515,20 +515,23 @@ def _blocks_from_packed(
     dtype = dtype or torch.promote_types(packed.dtype, torch.float32)
     with _full_precision(packed):
         packed = packed.to(dtype)
-
-        def on_kernels() -> torch.Tensor:
+        if _cayley_neumann_on_kernels(packed, size, neumann_terms):
             return kernels.cayley_neumann(packed, size, neumann_terms)
+        return rotation_from_skew(skew_from_packed(packed, size), neumann_terms)
 
-        def on_torch() -> torch.Tensor:
-            return rotation_from_skew(skew_from_packed(packed, size), neumann_terms)
 
-        if (
-            neumann_terms is not None
-            and dtype in (torch.float32, torch.float64)
-            and kernels.prefer_kernels(packed, [size], "Cayley–Neumann", on_kernels, on_torch)
-        ):
-            return on_kernels()
-        return on_torch()
+def _cayley_neumann_on_kernels(packed: torch.Tensor, size: int, neumann_terms: int | None) -> bool:
+    """Whether Cayley–Neumann of these packed parameters (already in their float32 or float64 dtype) runs on the
+    CUDA kernel, whose registered backward is then its gradient too."""
+    if neumann_terms is None or packed.dtype not in (torch.float32, torch.float64):
+        return False
+    return kernels.prefer_kernels(
+        packed,
+        [size],
+        "Cayley–Neumann",
+        lambda: kernels.cayley_neumann(packed, size, neumann_terms),
+        lambda: rotation_from_skew(skew_from_packed(packed, size), neumann_terms),
+    )
 
 
 def packed_gradient(
@@ -536,9 +539,10 @@ def packed_gradient(
 ) -> torch.Tensor:
     """The gradient of the packed skew parameters given their blocks' gradients (one tensor per group).
 
-    Cayley–Neumann is differentiated by hand (`cayley_neumann_grad`; the exact Cayley transform through autograd) a
-    few blocks at a time, so that its temporaries (several block-sized tensors per block) never hold more than
-    about 1/PIECES of all the blocks, or MIN_PIECE_ELEMENTS.
+    Cayley–Neumann is differentiated by hand on the torch path (`cayley_neumann_grad`; the CUDA kernel's fused
+    backward and the exact Cayley transform through autograd) a few blocks at a time, so that its temporaries
+    (several block-sized tensors per block) never hold more than about 1/PIECES of all the blocks, or
+    MIN_PIECE_ELEMENTS.
     """
     grad = torch.zeros_like(packed)
     budget = max(layout.rotated_squares // PIECES, MIN_PIECE_ELEMENTS)
@@ -555,12 +559,14 @@ def _chunk_packed_gradient(
     packed: torch.Tensor, size: int, block_grads: torch.Tensor, neumann_terms: int | None
 ) -> torch.Tensor:
     with _full_precision(packed):
-        if neumann_terms is not None:
-            skew = skew_from_packed(packed.to(block_grads.dtype), size)
+        packed = packed.to(block_grads.dtype)
+        if neumann_terms is not None and not _cayley_neumann_on_kernels(packed, size, neumann_terms):
+            skew = skew_from_packed(packed, size)
             return packed_gradient_of_skew(cayley_neumann_grad(skew, block_grads, neumann_terms), size)
-        leaf = packed.requires_grad_()
+        leaf = packed.detach().requires_grad_()
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(_blocks_from_packed(leaf, size, None, block_grads.dtype), leaf, block_grads)
+            blocks = _blocks_from_packed(leaf, size, neumann_terms, block_grads.dtype)
+            (grad,) = torch.autograd.grad(blocks, leaf, block_grads)
         return grad
 
 

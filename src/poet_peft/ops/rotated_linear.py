@@ -204,8 +204,9 @@ class _RotatedLinear(torch.autograd.Function):
         grads_of = {}
         for steps, grads in ((on_input, input_grads), (on_weight, weight_grads), (on_output, output_grads)):
             grads_of.update({id(step.rotation): step_grads for step, step_grads in zip(steps, grads)})
-        # R₁, P₁, R₂, P₂, … as `packed`; the blocks themselves are let go before Cayley–Neumann's backward, which
-        # `packed_gradient` runs a few blocks at a time once the weight-sized temporaries are gone.
+        # R₁, P₁, R₂, P₂, … as `packed`. Without `store` the blocks and the weight-sized temporaries are let go
+        # before Cayley–Neumann's backward, which `packed_gradient` runs a few blocks at a time; with `store`, ctx
+        # holds what the forward saved until the backward returns.
         side_grads = [grads_of[id(rotation)] for pair in rotations for rotation in pair]
         del rotations, on_input, on_weight, on_output, grads_of, input_grads, weight_grads, output_grads
         layouts = [(layout, terms) for pair, terms in zip(plan.layouts, plan.neumann_terms) for layout in pair]
