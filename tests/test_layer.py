@@ -142,7 +142,7 @@ def counted_flops(
         for rotation, q in zip(rotations, layer.skew_parameters()):
             grads = [torch.ones_like(b) for b in rotation.blocks]
             packed_gradient(rotation.layout, q, grads, layer.poet_config["default"].neumann_terms)
-    builds = 1 + (training and recompute)
+    builds = 1 + recompute
     cayley = builds * built.get_total_flops() + training * differentiated.get_total_flops()
     return total.get_total_flops() - cayley
 

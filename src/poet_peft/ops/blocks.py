@@ -563,7 +563,7 @@ def _chunk_packed_gradient(
         if neumann_terms is not None and not _cayley_neumann_on_kernels(packed, size, neumann_terms):
             skew = skew_from_packed(packed, size)
             return packed_gradient_of_skew(cayley_neumann_grad(skew, block_grads, neumann_terms), size)
-        leaf = packed.detach().requires_grad_()
+        leaf = packed.requires_grad_()  # a detached chunk, or its copy in block_grads' dtype
         with torch.enable_grad():
             blocks = _blocks_from_packed(leaf, size, neumann_terms, block_grads.dtype)
             (grad,) = torch.autograd.grad(blocks, leaf, block_grads)
