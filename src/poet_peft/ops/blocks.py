@@ -87,6 +87,15 @@ def _gradients_through(left_on_weight: bool, right_on_weight: bool, input_needs_
     return not left_on_weight, through_right
 
 
+def _recomputed_sides(left_on_weight: bool, right_on_weight: bool, input_needs_grad: bool) -> tuple[bool, bool]:
+    """Whether a recomputing backward runs R's and P's rotations again.
+
+    R on the outputs is not: its backward needs only its input. P last on the weight is only for the input's
+    gradient, which needs R·W0·P: its own backward needs R·W0.
+    """
+    return left_on_weight, not (left_on_weight and right_on_weight) or input_needs_grad
+
+
 def rotation_flops(
     left: BlockLayout,
     right: BlockLayout,
@@ -103,8 +112,9 @@ def rotation_flops(
     Rotating one vector costs 2·Σb² flops: a side on the weight rotates the weight's other dimension's worth of
     vectors, a side on the activations rotates `tokens` of them. W0 is frozen. With `recompute` (the backward of
     `rotated_linear` without `store`) the input's and the weight's rotations run again, and the matmul where R acts
-    on the outputs (R itself does not: its backward needs only its input). The Cayley–Neumann blocks cost the same
-    on every path and are left out.
+    on the outputs (R itself does not: its backward needs only its input); with both on the weight, P runs again
+    only if the input wants a gradient (x's gradient needs R·W0·P, P's own needs only R·W0). The Cayley–Neumann
+    blocks cost the same on every path and are left out.
     """
     matmul = 2 * tokens * left.dim * right.dim
     left_rotation = 2 * left.rotated_squares * (right.dim if left_on_weight else tokens)
@@ -119,7 +129,8 @@ def rotation_flops(
     through_left, through_right = _gradients_through(left_on_weight, right_on_weight, input_needs_grad)
     flops += left_rotation * (1 + through_left) + right_rotation * (1 + through_right)
     if recompute:  # the backward rebuilds the rotated input and weight, and the matmul where R acts on its output
-        flops += right_rotation + (left_rotation if left_on_weight else matmul)
+        _, again_right = _recomputed_sides(left_on_weight, right_on_weight, input_needs_grad)
+        flops += right_rotation * again_right + (left_rotation if left_on_weight else matmul)
     return flops
 
 
@@ -148,11 +159,10 @@ def permuted_elements(
 ) -> int:
     """Elements the permutations move in one call: each side is gathered into block order and back; a training
     backward gathers its gradient and its input once more, and puts the gradient back where one passes through the
-    rotation; with `recompute` the forward's two passes run again, except for R on the outputs (its backward needs
-    only its input, the matmul's output). A side on the weight moves the weight's m·n elements per pass, a side on
-    the activations tokens·dim."""
+    rotation; with `recompute` the forward's two passes run again for the sides `_recomputed_sides` names. A side on
+    the weight moves the weight's m·n elements per pass, a side on the activations tokens·dim."""
     through = _gradients_through(left_on_weight, right_on_weight, input_needs_grad)
-    rerun = (left_on_weight, True)  # which sides a recomputing backward rotates again
+    rerun = _recomputed_sides(left_on_weight, right_on_weight, input_needs_grad)
     return sum(
         (2 + 2 * (training and recompute and again) + training * (2 + passes_through))
         * (left.dim * right.dim if on_weight else tokens * layout.dim)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -10,12 +12,21 @@ def packed_size(block: int) -> int:
     return block * (block - 1) // 2
 
 
+@functools.lru_cache(maxsize=None)
+def _triangle_indices(block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into a block×block matrix of its strict upper triangle, row by row, and of their mirror images
+    below the diagonal."""
+    # Made outside inference mode even when first asked for inside it: an inference tensor would poison backward.
+    with torch.inference_mode(False):
+        rows, cols = torch.triu_indices(block, block, 1, device=device)
+        return rows * block + cols, cols * block + rows
+
+
 def skew_from_packed(packed: torch.Tensor, block: int) -> torch.Tensor:
     """Skew-symmetric matrices Q = U − Uᵀ from their packed strict upper triangles, shape (..., b(b−1)/2)."""
-    # Built per call, not cached: a cached index tensor made under torch.inference_mode() would poison backward.
-    rows, cols = torch.triu_indices(block, block, 1, device=packed.device)
-    upper = packed.new_zeros(*packed.shape[:-1], block, block)
-    upper[..., rows, cols] = packed
+    upper_indices, _ = _triangle_indices(block, packed.device)
+    upper = packed.new_zeros(*packed.shape[:-1], block * block)
+    upper = upper.index_copy_(-1, upper_indices, packed).unflatten(-1, (block, block))
     return upper - upper.transpose(-1, -2)
 
 
@@ -68,12 +79,15 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
 
 
 def cayley_neumann_grad(skew: torch.Tensor, grad: torch.Tensor, terms: int) -> torch.Tensor:
-    """The gradient with respect to Q (as a free matrix) of ⟨grad, cayley_neumann(Q, terms)⟩, written out.
+    """A matrix whose skew-symmetric part is that of the gradient with respect to Q of ⟨grad, cayley_neumann(Q,
+    terms)⟩, written out: all that reaches a skew-symmetric Q (`packed_gradient_of_skew` keeps only that part).
 
     Horner's scheme run backwards: for R' = Q²·R + a·I + b·Q, the gradient G of R' gives Q² the gradient G·Rᵀ,
-    Q the gradient b·G, and R the gradient (Q²)ᵀ·G; then Q² = Q·Q passes its gradient S̄ on as S̄·Qᵀ + Qᵀ·S̄. Only
-    Q² and the values Horner multiplies are rebuilt (`cayley_neumann_grad_matmuls` products in all), and no
-    autograd graph is kept: cheaper in time and memory than differentiating `cayley_neumann` through autograd.
+    Q the gradient b·G, and R the gradient (Q²)ᵀ·G; then Q² = Q·Q passes its gradient S̄ on as S̄·Qᵀ + Qᵀ·S̄. For a
+    skew Q the skew part of that is the skew part of −T·Q with T = S̄ + S̄ᵀ symmetric (since Q·T = −(T·Q)ᵀ): one
+    product instead of two. Only Q² and the values Horner multiplies are rebuilt (`cayley_neumann_grad_matmuls`
+    products in all), and no autograd graph is kept: cheaper in time and memory than autograd through
+    `cayley_neumann`.
     """
     if terms == 0:
         return grad.clone()
@@ -90,13 +104,14 @@ def cayley_neumann_grad(skew: torch.Tensor, grad: torch.Tensor, terms: int) -> t
     square_coefficient, _, linear = innermost
     grad_skew.add_(grad, alpha=linear)
     grad_square.add_(grad, alpha=square_coefficient)
-    return grad_skew.add_(grad_square @ skew.mT).add_(skew.mT @ grad_square)
+    return grad_skew.sub_((grad_square + grad_square.mT) @ skew)
 
 
 def packed_gradient_of_skew(grad_skew: torch.Tensor, block: int) -> torch.Tensor:
     """The gradient of the packed parameters, shape (..., b(b−1)/2), given that of Q = U − Uᵀ (`skew_from_packed`)."""
-    rows, cols = torch.triu_indices(block, block, 1, device=grad_skew.device)
-    return grad_skew[..., rows, cols] - grad_skew[..., cols, rows]
+    upper_indices, lower_indices = _triangle_indices(block, grad_skew.device)
+    flat = grad_skew.flatten(-2)
+    return flat.index_select(-1, upper_indices) - flat.index_select(-1, lower_indices)
 
 
 def cayley_neumann_matmuls(terms: int) -> int:
@@ -106,11 +121,11 @@ def cayley_neumann_matmuls(terms: int) -> int:
 
 def cayley_neumann_grad_matmuls(terms: int) -> int:
     """Matrix products `cayley_neumann_grad` makes per block: Q², the values Horner multiplies but the first, two
-    per multiplication by Q² and two for Q² = Q·Q (none for terms = 0)."""
+    per multiplication by Q² and one for Q² = Q·Q (none for terms = 0)."""
     if terms == 0:
         return 0
     multiplications = cayley_neumann_matmuls(terms) - 1  # by Q², in Horner's scheme
-    return 1 + max(multiplications - 1, 0) + 2 * multiplications + 2
+    return 1 + max(multiplications - 1, 0) + 2 * multiplications + 1
 
 
 def rotation_from_skew(skew: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:

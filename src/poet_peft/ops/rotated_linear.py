@@ -52,11 +52,12 @@ def run_steps(
     return result, inputs
 
 
-def step_inputs(steps: Sequence[Step], tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The input of each step of `run_steps(steps, tensor, …)`, without running the last (the first is `tensor`)."""
-    if not steps:
-        return []
-    result, inputs = run_steps(steps[:-1], tensor, tensor.dtype, keep_inputs=True)
+def step_inputs(steps: Sequence[Step], tensor: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The input of each step of `run_steps(steps, tensor, dtype, …)`, without running the last (the first is
+    `tensor`)."""
+    if len(steps) < 2:
+        return [tensor] * len(steps)
+    result, inputs = run_steps(steps[:-1], tensor, dtype, keep_inputs=True)
     return inputs + [result]
 
 
@@ -132,12 +133,12 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
-def _rotated_operands(plan: RotatedLinearPlan, rotations, x, weight, bias, keep_inputs: bool):
-    """The rotated input and weight, each with its steps' inputs (if kept)."""
-    on_input, on_weight, _ = plan.steps(rotations, bias)
-    rotated_x, input_inputs = run_steps(on_input, _rows(x), plan.compute_dtype, keep_inputs)
-    rotated_weight, weight_inputs = run_steps(on_weight, weight, plan.compute_dtype, keep_inputs)
-    return rotated_x, input_inputs, rotated_weight, weight_inputs
+def _rebuilt_operand(steps: Sequence[Step], tensor: torch.Tensor, dtype: torch.dtype, needed: bool):
+    """The rotated operand (None unless `needed`) and each step's input, for a backward that rebuilds them: the
+    last step runs only if its result is `needed`."""
+    if needed:
+        return run_steps(steps, tensor, dtype, keep_inputs=True)
+    return None, step_inputs(steps, tensor, dtype)
 
 
 class _RotatedLinear(torch.autograd.Function):
@@ -146,10 +147,9 @@ class _RotatedLinear(torch.autograd.Function):
         # Detached, so that module hooks inside `plan.linear` (FlopCounterMode's, for one) see plain tensors.
         x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
         rotations = plan.rotations(packed)
-        _, _, on_output = plan.steps(rotations, bias)
-        rotated_x, input_inputs, rotated_weight, weight_inputs = _rotated_operands(
-            plan, rotations, x, weight, bias, keep_inputs=store
-        )
+        on_input, on_weight, on_output = plan.steps(rotations, bias)
+        rotated_x, input_inputs = run_steps(on_input, _rows(x), plan.compute_dtype, keep_inputs=store)
+        rotated_weight, weight_inputs = run_steps(on_weight, weight, plan.compute_dtype, keep_inputs=store)
         matmul = plan.linear(rotated_x, rotated_weight, bias)
         ctx.plan, ctx.x_shape, ctx.autocast = plan, x.shape, _autocast_state(x.device.type)
         stored = []
@@ -182,12 +182,19 @@ class _RotatedLinear(torch.autograd.Function):
         with torch.no_grad(), _autocast(ctx.autocast):
             on_input, on_weight, on_output = plan.steps(rotations, bias)
             if not stored:
-                rotated_x, input_inputs, rotated_weight, weight_inputs = _rotated_operands(
-                    plan, rotations, x, weight, bias, keep_inputs=True
+                # The rotated input feeds the weight's gradient, the rotated weight the input's, and both the
+                # matmul's output where R acts on it: a first weight-centric layer needs only R·W0, not R·W0·P.
+                needs_rotated_x = needs_weight or bool(on_weight) or bool(on_output)
+                needs_rotated_weight = needs_x or bool(on_input) or bool(on_output)
+                rotated_x, input_inputs = _rebuilt_operand(on_input, _rows(x), plan.compute_dtype, needs_rotated_x)
+                rotated_weight, weight_inputs = _rebuilt_operand(
+                    on_weight, weight, plan.compute_dtype, needs_rotated_weight
                 )
-                output_inputs = (
-                    step_inputs(on_output, plan.linear(rotated_x, rotated_weight, bias)) if on_output else []
-                )
+                if on_output:
+                    matmul = plan.linear(rotated_x, rotated_weight, bias)
+                    output_inputs = step_inputs(on_output, matmul, matmul.dtype)
+                else:
+                    output_inputs = []
             del saved
             grad = _rows(grad_output)
             # R acts about the bias (R·(z − b) + b with z = x·Wᵀ + b), so the bias's gradient is the output's.
