@@ -60,8 +60,10 @@ def _add_pair(result: torch.Tensor, skew: torch.Tensor, constant: float, linear:
 
 def _innermost(skew: torch.Tensor, square: torch.Tensor, coefficients: tuple[float, float, float]) -> torch.Tensor:
     square_coefficient, constant, linear = coefficients
-    start = square * square_coefficient if square_coefficient else torch.zeros_like(skew)
-    return _add_pair(start, skew, constant, linear)
+    # c·Q² + b·Q in one pass over the block (c is 1 or 0: Horner's innermost value is Q² + 2Q + 2I or Q + 2I)
+    start = torch.add(square * square_coefficient if square_coefficient != 1 else square, skew, alpha=linear)
+    start.diagonal(dim1=-2, dim2=-1).add_(constant)
+    return start
 
 
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
@@ -91,20 +93,24 @@ def cayley_neumann_grad(skew: torch.Tensor, grad: torch.Tensor, terms: int) -> t
     """
     if terms == 0:
         return grad.clone()
+    shape, size = skew.shape, skew.shape[-1]
+    skew, grad = skew.reshape(-1, size, size), grad.reshape(-1, size, size)  # baddbmm fuses a product and a sum
     innermost, outer = _horner_in_square(terms)
     square = skew @ skew
     multiplied = [_innermost(skew, square, innermost)]  # the value each multiplication by Q² acts on
     for constant, linear in outer[:-1]:
         multiplied.append(_add_pair(square @ multiplied[-1], skew, constant, linear))
-    grad_skew, grad_square = torch.zeros_like(skew), torch.zeros_like(skew)
-    for (_, linear), value in zip(reversed(outer), reversed(multiplied)):
-        grad_skew.add_(grad, alpha=linear)
-        grad_square.add_(grad @ value.mT)
-        grad = square.mT @ grad
+    # The gradient reaching each Horner step, outermost first (Q² is symmetric, so (Q²)ᵀ·G = Q²·G).
+    step_grads = [grad]
+    for _ in outer:
+        step_grads.append(square @ step_grads[-1])
+    # Q's and Q²'s gradients start from the innermost value's share, so that no zero-filled block is summed into.
     square_coefficient, _, linear = innermost
-    grad_skew.add_(grad, alpha=linear)
-    grad_square.add_(grad, alpha=square_coefficient)
-    return grad_skew.sub_((grad_square + grad_square.mT) @ skew)
+    grad_skew, grad_square = step_grads[-1] * linear, step_grads[-1] * square_coefficient
+    for (_, linear), value, step_grad in zip(reversed(outer), reversed(multiplied), step_grads):
+        grad_skew.add_(step_grad, alpha=linear)
+        grad_square = torch.baddbmm(grad_square, step_grad, value.mT)
+    return torch.baddbmm(grad_skew, grad_square + grad_square.mT, skew, alpha=-1).view(shape)
 
 
 def packed_gradient_of_skew(grad_skew: torch.Tensor, block: int) -> torch.Tensor:
