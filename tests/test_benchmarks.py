@@ -82,9 +82,9 @@ def test_bench_layer_times_every_method_and_states_the_flop_floor(tmp_path):
     assert len(rows) == 16 and all(row[4] == "1.000" for row in rows if row[2] == "dense + AdamW")
     at_256 = {row[2]: row for row in rows if row[1] == "256"}
     # The floor at d=128, b=16, 256 tokens, against the dense 4·256·128² flops: weight-centric stored adds 10·b·d² for
-    # the rotations, recomputed 12·b·d² (R·W0 again: x wants no gradient, so R·W0·P is not rebuilt); input-centric recomputed 12·tokens·d·b (P's
-    # 2·tokens·d·b again, not R's) and the matmul's 2·tokens·d² again. Cayley–Neumann: 2 sides × 8 matmuls (two builds
-    # of 2, the gradient's 4) × 2·16³ flops × 8 blocks; stored, 6 matmuls (one build).
+    # the rotations, recomputed 12·b·d² (R·W0 again: x wants no gradient, so R·W0·P is not rebuilt); input-centric
+    # recomputed 12·tokens·d·b (P's 2·tokens·d·b again, not R's) and the matmul's 2·tokens·d² again. Cayley–Neumann:
+    # 2 sides × 8 matmuls (two builds of 2, the gradient's 4) × 2·16³ flops × 8 blocks; stored, 6 (one build).
     dense, cayley, stored_cayley = 4 * 256 * 128**2, 2 * 8 * 2 * 16**3 * 8, 2 * 6 * 2 * 16**3 * 8
     assert at_256["POET-BS b=16, weight"][5] == f"{(dense + 12 * 16 * 128**2 + cayley) / dense:.3f}"
     input_centric = dense + 12 * 256 * 128 * 16 + 2 * 256 * 128**2 + cayley

@@ -60,8 +60,8 @@ def _add_pair(result: torch.Tensor, skew: torch.Tensor, constant: float, linear:
 
 def _innermost(skew: torch.Tensor, square: torch.Tensor, coefficients: tuple[float, float, float]) -> torch.Tensor:
     square_coefficient, constant, linear = coefficients
-    # c·Q² + b·Q in one pass over the block (c is 1 or 0: Horner's innermost value is Q² + 2Q + 2I or Q + 2I)
-    start = torch.add(square * square_coefficient if square_coefficient != 1 else square, skew, alpha=linear)
+    # c·Q² + b·Q in one pass over the block: c is 1 or 0 (Horner's innermost value is Q² + 2Q + 2I or Q + 2I)
+    start = torch.add(square, skew, alpha=linear) if square_coefficient else skew * linear
     start.diagonal(dim1=-2, dim2=-1).add_(constant)
     return start
 
@@ -105,8 +105,8 @@ def cayley_neumann_grad(skew: torch.Tensor, grad: torch.Tensor, terms: int) -> t
     for _ in outer:
         step_grads.append(square @ step_grads[-1])
     # Q's and Q²'s gradients start from the innermost value's share, so that no zero-filled block is summed into.
-    square_coefficient, _, linear = innermost
-    grad_skew, grad_square = step_grads[-1] * linear, step_grads[-1] * square_coefficient
+    square_coefficient, _, innermost_linear = innermost
+    grad_skew, grad_square = step_grads[-1] * innermost_linear, step_grads[-1] * square_coefficient
     for (_, linear), value, step_grad in zip(reversed(outer), reversed(multiplied), step_grads):
         grad_skew.add_(step_grad, alpha=linear)
         grad_square = torch.baddbmm(grad_square, step_grad, value.mT)
